@@ -1,0 +1,191 @@
+"""SFTDataModule: Alpaca-style instruction sets, the chosen side of HH-RLHF, or prompt/response pairs.
+
+Rows are read through `datasets` (local JSON/JSONL/Parquet or a hub id), rendered with a prompt format, tokenized
+once, and batched with the loss on response tokens only. Truncations are counted and logged; bad rows raise an
+error naming the file, row and field.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.builtin import resolve_builtin
+from datamodules.collate import TokenizedExample, pad_prompt_response, truncate_pair
+from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
+from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from datamodules.sampler import ResumableSampler
+from datamodules.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+SourceFormat = Literal["alpaca", "hh_chosen", "prompt_response"]
+
+
+def to_prompt_response(record: dict[str, Any], source_format: SourceFormat, prompt_format: PromptFormat,
+                       source: str, row: int, tokenizer=None) -> tuple[str, str]:
+    """One raw record -> (prompt text, response text), or a `DataFormatError` naming the row and field."""
+    if source_format == "alpaca":
+        instruction = require_text(record, "instruction", source, row)
+        extra = record.get("input") or ""
+        response = require_text(record, "output", source, row)
+        if prompt_format == "alpaca":
+            prompt = alpaca_prompt(instruction, extra)
+        else:
+            prompt = format_prompt(f"{instruction}\n\n{extra}" if extra.strip() else instruction, prompt_format,
+                                   tokenizer)
+        return prompt, response
+    if source_format == "hh_chosen":
+        dialogue = require_text(record, "chosen", source, row)
+        parts = split_hh_dialogue(dialogue)
+        if parts is None or not dialogue.lstrip("\n").startswith(HUMAN.strip()):
+            raise DataFormatError(source, row, "chosen", "is not an HH dialogue ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+        if not parts[1].strip():
+            raise DataFormatError(source, row, "chosen", "has an empty final assistant response",
+                                  "remove the row")
+        return parts
+    if source_format == "prompt_response":
+        prompt = require_text(record, "prompt", source, row)
+        return format_prompt(prompt, prompt_format, tokenizer), require_text(record, "response", source, row)
+    raise ValueError(f"Unknown source_format {source_format!r}")
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Supervised fine-tuning data with response-only loss.
+
+    Args:
+        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`); loaded at construction so the
+            CLI can link it into the model.
+        data: local file, hub id, or ``builtin:sft``.
+        source_format: ``alpaca`` (instruction/input/output), ``hh_chosen`` (the chosen dialogue of an HH-RLHF
+            pair) or ``prompt_response``.
+        prompt_format: how prompts are rendered (``alpaca``, ``hh``, ``chat``, ``plain``); HH rows keep their own.
+        val_data: a separate validation file; without it ``val_fraction`` of the rows are held out (seeded).
+        max_length: tokens per example; longer rows are truncated (prompt from the left, then response from the
+            right) and counted.
+        max_prompt_length: the prompt keeps at most this many tokens when a row is too long (default: half).
+        batch_size: micro-batch size per process.
+        max_rows: use only the first ``max_rows`` rows (counted in the log), for smoke runs.
+        drop_empty: drop rows with an empty required field and log the count (real Alpaca has one); by default
+            such a row is an error naming the file, row and field.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "builtin:byte",
+        data: str = "builtin:sft",
+        source_format: SourceFormat = "alpaca",
+        prompt_format: PromptFormat = "alpaca",
+        split: str = "train",
+        val_data: str | None = None,
+        val_fraction: float = 0.05,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_rows: int | None = None,
+        drop_empty: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        self.train_set: list[TokenizedExample] = []
+        self.val_set: list[TokenizedExample] = []
+        self._consumed = 0  # training micro-batches consumed in the current epoch, for exact resume
+        self._resume_skip = 0
+
+    # --- data preparation -------------------------------------------------------------------------------------
+    def _read(self, source: str) -> list[TokenizedExample]:
+        hp = self.hparams
+        path = resolve_builtin(source)
+        records = load_records(path, split=hp.split)
+        if hp.max_rows is not None and len(records) > hp.max_rows:
+            log.info("%s: using the first %d of %d rows (max_rows)", path, hp.max_rows, len(records))
+            records = records[: hp.max_rows]
+        if not records:
+            raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
+        pairs, dropped = [], DropCounter(path)
+        for i, record in enumerate(records):
+            try:
+                pairs.append(to_prompt_response(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer))
+            except EmptyFieldError as e:
+                if not hp.drop_empty:
+                    raise
+                dropped.add(f"dropped: empty '{e.field}'")
+        dropped.report(len(records))
+        if not pairs:
+            raise DataFormatError(path, None, None, "has no usable rows after dropping empty ones")
+        return self._tokenize(pairs, path)
+
+    def _tokenize(self, pairs: list[tuple[str, str]], source: str) -> list[TokenizedExample]:
+        tok = self.tokenizer
+        prompts = tok([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+        responses = tok([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+        counter = DropCounter(f"{source}")
+        out: list[TokenizedExample] = []
+        for i, (p_ids, r_ids) in enumerate(zip(prompts, responses)):
+            if not r_ids:
+                raise DataFormatError(source, i, "response", "tokenizes to nothing", "remove the row")
+            p_ids, r_ids, p_cut, r_cut = truncate_pair(p_ids, r_ids + [tok.eos_token_id], self.max_length,
+                                                       self.max_prompt_length)
+            counter.add("had the prompt truncated from the left", int(p_cut))
+            counter.add("had the response truncated from the right (no EOS learned)", int(r_cut))
+            out.append(TokenizedExample(prompt_ids=p_ids, response_ids=r_ids))
+        counter.report(len(out))
+        return out
+
+    def setup(self, stage: str) -> None:
+        if self.train_set or self.val_set:
+            return
+        hp = self.hparams
+        examples = self._read(hp.data)
+        if hp.val_data is not None:
+            self.train_set, self.val_set = examples, self._read(hp.val_data)
+        else:
+            order = list(range(len(examples)))
+            random.Random(hp.seed).shuffle(order)
+            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
+            self.val_set = [examples[i] for i in sorted(order[:n_val])]
+            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+        log.info("SFT data: %d train / %d validation examples", len(self.train_set), len(self.val_set))
+
+    # --- loaders ----------------------------------------------------------------------------------------------
+    def _collate(self):
+        return partial(pad_prompt_response, pad_token_id=self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                   rank=trainer.global_rank if trainer else 0, shuffle=True, seed=self.hparams.seed)
+        sampler.skip(self._resume_skip * self.hparams.batch_size)
+        self._consumed, self._resume_skip = self._resume_skip, 0
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
+                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+
+    # --- exact resume: count consumed training batches and skip them after a restart --------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        # The count is per epoch; at an epoch boundary Lightning starts a fresh epoch and nothing is skipped.
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = -(-len(self.train_set) // world)
+        n_batches = -(-per_rank // self.hparams.batch_size)
+        return {"consumed_batches": self._consumed % n_batches if n_batches else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_skip = int(state_dict.get("consumed_batches", 0))

@@ -1,0 +1,309 @@
+"""Alignment losses: DPO, IPO, SLiC hinge, the Bradley-Terry reward loss, and PPO's policy and value losses.
+
+Each is a small ``nn.Module`` holding only hyperparameters; it returns per-example (or, for PPO, already reduced)
+losses plus detached metrics, and is chosen by ``class_path`` in YAML.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modules.rl_utils import masked_mean
+
+
+def _preference_logratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    reference_free: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(chosen_logratios, rejected_logratios)``: log pi - log pi_ref per response (pi_ref := 1 if free)."""
+    if reference_free:
+        return policy_chosen_logps, policy_rejected_logps
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(
+            "modules/losses.py: ref_chosen_logps and ref_rejected_logps are None; pass the reference model's "
+            "sequence log-probs, or set reference_free: true in the loss's init_args."
+        )
+    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+
+
+class DPOLoss(nn.Module):
+    """Direct Preference Optimization loss, with conservative label smoothing (cDPO).
+
+    Rafailov et al., arXiv 2305.18290, Eq. 7; cDPO from Mitchell (2023), "A note on DPO with noisy preferences":
+    ``loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``,
+    ``h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))``.
+
+    Args:
+        beta: inverse temperature of the implicit reward ``beta * log(pi / pi_ref)``; 0.1 in the paper.
+        label_smoothing: ``eps``, the assumed probability that a preference label is flipped; 0 is plain DPO.
+        reference_free: treat ``log pi_ref`` as 0 (a uniform reference); the ``ref_*`` arguments may then be None.
+    """
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference_free: bool = False) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"DPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}.")
+        self.beta = beta
+        self.label_smoothing = label_smoothing
+        self.reference_free = reference_free
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-pair DPO loss.
+
+        Args:
+            policy_chosen_logps: summed log-probs of the chosen responses under the policy. Shape: (b,)
+            policy_rejected_logps: summed log-probs of the rejected responses under the policy. Shape: (b,)
+            ref_chosen_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
+            ref_rejected_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            chosen_rewards: detached implicit reward ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
+            rejected_rewards: detached implicit reward of the rejected. Shape: (b,)
+        """
+        chosen_logratios, rejected_logratios = _preference_logratios(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, self.reference_free
+        )
+        h = chosen_logratios - rejected_logratios  # (B,)
+        eps = self.label_smoothing
+        losses = -(1.0 - eps) * F.logsigmoid(self.beta * h)
+        if eps > 0:  # skip the term at eps = 0 so that h = -inf (pi(y_c) = 0) does not make 0 * inf = nan
+            losses = losses - eps * F.logsigmoid(-self.beta * h)
+        chosen_rewards = self.beta * chosen_logratios.detach()
+        rejected_rewards = self.beta * rejected_logratios.detach()
+        return losses, chosen_rewards, rejected_rewards
+
+
+class IPOLoss(nn.Module):
+    """Identity Preference Optimization loss.
+
+    Azar et al., arXiv 2310.12036, Eq. 17: ``loss = (h - 1 / (2 tau))^2`` with
+    ``h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))``.
+
+    The paper's empirical version is written with sequence log-probs; several implementations (TRL) average the
+    log-probs over tokens for IPO instead. This module takes the log-probs as given: the caller chooses the
+    reduction (the DPO module passes what it computes, summed by default).
+
+    Args:
+        beta: the regularization ``tau``; the target log-ratio margin is ``1 / (2 tau)``.
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-pair IPO loss.
+
+        Args:
+            policy_chosen_logps: log-probs of the chosen responses under the policy. Shape: (b,)
+            policy_rejected_logps: log-probs of the rejected responses under the policy. Shape: (b,)
+            ref_chosen_logps: log-probs of the chosen responses under the reference. Shape: (b,)
+            ref_rejected_logps: log-probs of the rejected responses under the reference. Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            chosen_rewards: detached ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
+            rejected_rewards: detached ``beta * (log pi - log pi_ref)`` of the rejected. Shape: (b,)
+        """
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps
+        h = chosen_logratios - rejected_logratios  # (B,)
+        losses = (h - 1.0 / (2.0 * self.beta)) ** 2
+        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+
+
+class HingeLoss(nn.Module):
+    """SLiC hinge loss on the policy/reference log-ratio margin.
+
+    Zhao et al., arXiv 2305.10425, Eq. 4 (the calibration hinge, with pi_ref-normalized log-probs as in the
+    DPO-style ``h``): ``loss = max(0, 1 - beta h)``,
+    ``h = (log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))``.
+
+    Args:
+        beta: scales the margin; the hinge is satisfied once ``h >= 1 / beta``.
+    """
+
+    def __init__(self, beta: float = 0.1) -> None:
+        super().__init__()
+        self.beta = beta
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor,
+        ref_rejected_logps: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-pair hinge loss.
+
+        Args:
+            policy_chosen_logps: log-probs of the chosen responses under the policy. Shape: (b,)
+            policy_rejected_logps: log-probs of the rejected responses under the policy. Shape: (b,)
+            ref_chosen_logps: log-probs of the chosen responses under the reference. Shape: (b,)
+            ref_rejected_logps: log-probs of the rejected responses under the reference. Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            chosen_rewards: detached ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
+            rejected_rewards: detached ``beta * (log pi - log pi_ref)`` of the rejected. Shape: (b,)
+        """
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps
+        losses = F.relu(1.0 - self.beta * (chosen_logratios - rejected_logratios))  # (B,)
+        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+
+
+class PairwiseRewardLoss(nn.Module):
+    """Bradley-Terry reward-model loss with an optional margin and reward centering.
+
+    InstructGPT, arXiv 2203.02155, Eq. 1; margin as in Llama 2, arXiv 2307.09288, Eq. 2; centering term from
+    Eisenstein et al., arXiv 2312.09244:
+    ``loss = -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2``.
+
+    Args:
+        center_coef: weight of the centering term that pulls each pair's summed reward to 0 (0.01 in Eisenstein
+            et al.); 0 disables it.
+    """
+
+    def __init__(self, center_coef: float = 0.0) -> None:
+        super().__init__()
+        self.center_coef = center_coef
+
+    def forward(
+        self,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        margin: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the per-pair reward-model loss.
+
+        Args:
+            chosen_rewards: scalar rewards of the chosen responses. Shape: (b,)
+            rejected_rewards: scalar rewards of the rejected responses. Shape: (b,)
+            margin: optional per-pair margin ``m`` (Llama 2's graded preference strength); None means 0. Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            accuracies: detached 1.0 where ``r_c > r_r`` else 0.0 (the ``rewards/accuracies`` metric). Shape: (b,)
+        """
+        margins = chosen_rewards - rejected_rewards  # (B,)
+        if margin is not None:
+            margins = margins - margin
+        losses = -F.logsigmoid(margins)
+        if self.center_coef > 0:
+            losses = losses + self.center_coef * (chosen_rewards + rejected_rewards) ** 2
+        accuracies = (chosen_rewards > rejected_rewards).float().detach()
+        return losses, accuracies
+
+
+class PPOPolicyLoss(nn.Module):
+    """PPO clipped surrogate policy loss.
+
+    Schulman et al., arXiv 1707.06347, Eq. 7:
+    ``loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``, ``ratio = exp(logprobs - old_logprobs)``.
+
+    Reduction: the masked mean over every response token of the minibatch (each token weighs the same, as in TRL
+    and OpenRLHF), so the result is a scalar rather than per-example losses.
+
+    Args:
+        clip_eps: the clip range ``eps`` of the probability ratio.
+    """
+
+    def __init__(self, clip_eps: float = 0.2) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+
+    def forward(
+        self,
+        logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the clipped surrogate loss of a minibatch.
+
+        Args:
+            logprobs: per-token log-probs of the sampled tokens under the current policy. Shape: (b, t)
+            old_logprobs: the same under the policy that sampled the rollout (no grad). Shape: (b, t)
+            advantages: per-token advantages (no grad). Shape: (b, t)
+            mask: 1 on response tokens, 0 on padding. Shape: (b, t)
+
+        Returns:
+            loss: masked mean of the per-token clipped loss; a scalar.
+            approx_kl: detached k3 estimate of KL(old || new), ``(ratio - 1) - log ratio`` (Schulman, "Approximating
+                KL Divergence", 2020), masked mean; a scalar.
+            clipfrac: detached fraction of tokens whose clipped term is the larger loss, i.e. whose gradient the
+                clip removed; a scalar.
+        """
+        log_ratio = logprobs - old_logprobs  # (B, T)
+        ratio = torch.exp(log_ratio)
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps)
+        loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+        with torch.no_grad():
+            approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+            clipfrac = masked_mean((clipped > unclipped).float(), mask)
+        return loss, approx_kl, clipfrac
+
+
+class PPOValueLoss(nn.Module):
+    """PPO value loss, optionally clipped around the rollout's values.
+
+    Value clipping as in OpenAI baselines' ``ppo2`` and Engstrom et al., arXiv 2005.12729, Sec. 3 (optimization 1):
+    ``loss = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -eps, eps) - R)^2)``; with ``clip_eps=None`` it is
+    ``0.5 * (V - R)^2``. Reduced by the masked mean over all response tokens, like ``PPOPolicyLoss``.
+
+    Args:
+        clip_eps: how far the new values may move from the rollout's values before the gradient stops; None
+            turns clipping off.
+    """
+
+    def __init__(self, clip_eps: float | None = 0.2) -> None:
+        super().__init__()
+        self.clip_eps = clip_eps
+
+    def forward(
+        self,
+        values: torch.Tensor,
+        old_values: torch.Tensor,
+        returns: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute the (clipped) value loss of a minibatch.
+
+        Args:
+            values: per-token value predictions of the current value head. Shape: (b, t)
+            old_values: the values recorded at rollout time (no grad). Shape: (b, t)
+            returns: per-token regression targets, ``advantages + old_values``. Shape: (b, t)
+            mask: 1 on response tokens, 0 on padding. Shape: (b, t)
+
+        Returns:
+            loss: masked mean of the per-token value loss; a scalar.
+            clipfrac: detached fraction of tokens where the clipped error is the larger one (0 when unclipped).
+        """
+        unclipped = (values - returns) ** 2  # (B, T)
+        if self.clip_eps is None:
+            return 0.5 * masked_mean(unclipped, mask), torch.zeros((), device=values.device)
+        values_clipped = old_values + torch.clamp(values - old_values, -self.clip_eps, self.clip_eps)
+        clipped = (values_clipped - returns) ** 2
+        loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+        clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
+        return loss, clipfrac

@@ -1,0 +1,105 @@
+"""SFTModule: supervised fine-tuning of a causal LM with the loss on response tokens only."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+from transformers import PreTrainedTokenizerBase
+
+from modules.export import save_pretrained
+from modules.models import ModelSpec, build_causal_lm
+from modules.optim import adamw, build_optimization
+from modules.policy import completion_logprobs
+
+
+class SFTModule(L.LightningModule):
+    """Negative log-likelihood of the response given the prompt.
+
+    ``loss = -sum_t m_t log pi(y_t | y_<t) / sum_t m_t`` over the response mask ``m`` of the micro-batch
+    (``loss_reduction="token"``), or the mean over sequences of each sequence's token mean (``"sequence"``, which
+    makes gradient accumulation exactly equal to a larger batch).
+
+    Args:
+        model: what to build (see `modules.models.ModelSpec`); built in ``configure_model`` so strategies can shard.
+        tokenizer: the data's tokenizer (linked by the CLI); gives vocab size and special ids to random models and
+            is saved with the export.
+        optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
+        loss_reduction: ``token`` or ``sequence`` (above).
+        max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        loss_reduction: Literal["token", "sequence"] = "token",
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"])
+        self.spec, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.policy: torch.nn.Module | None = None
+        self.val_nll = MeanMetric()  # token-weighted, synced across processes
+        self._step_start = 0.0
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token response log-probs and their mask, both ``(B, T')``."""
+        return completion_logprobs(self.policy, batch["input_ids"], batch["attention_mask"],
+                                   batch["completion_mask"])
+
+    def _nll(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs, mask = self(batch)
+        mask = mask.to(logprobs.dtype)
+        tokens = mask.sum()
+        if self.hparams.loss_reduction == "sequence":
+            loss = (-(logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+        else:
+            loss = -(logprobs * mask).sum() / tokens.clamp(min=1)
+        return loss, tokens
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self._nll(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self._tokens = int(batch["attention_mask"].sum())
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._step_start
+        if elapsed > 0:
+            self.log("train/tokens_per_s", self._tokens / elapsed, batch_size=1)
+
+    # --- validation -------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, tokens = self._nll(batch)
+        self.val_nll.update(loss.detach(), weight=tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        nll = self.val_nll.compute()
+        self.log("val/loss", nll, prog_bar=True)
+        self.log("val/ppl", torch.exp(nll.clamp(max=50)) if math.isfinite(float(nll)) else nll)
+        self.val_nll.reset()
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimization(self, self.policy.parameters(), self.optimizer_factory, self.scheduler_factory)
+
+    def export_pretrained(self, path: str, merge_lora: bool = True) -> str:
+        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads."""
+        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora)

@@ -1,0 +1,50 @@
+"""`python -m recipes fit|validate|test|predict --config yaml/...`: the LightningCLI entry point (wiring only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from recipes import config_path
+
+
+class AlignmentCLI(LightningCLI):
+    """LightningCLI with the values every recipe shares linked from the data module into the model.
+
+    The tokenizer (hence vocab size, pad/eos ids) and the token budget are set once, on the data module.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
+        parser.link_arguments("data.max_length", "model.init_args.max_length", apply_on="instantiate")
+
+
+def _resolve_configs(args: list[str]) -> list[str]:
+    """Let ``--config yaml/x.yaml`` also find the copy installed with the package when run from elsewhere."""
+    out = list(args)
+    for i, a in enumerate(out[:-1]):
+        if a == "--config" and not os.path.exists(out[i + 1]):
+            out[i + 1] = str(config_path(out[i + 1]))
+    return out
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> AlignmentCLI:
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    given = list(args) if args is not None else sys.argv[1:]
+    argv = _resolve_configs(given)
+    return AlignmentCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=argv if args is not None or argv != given else None,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

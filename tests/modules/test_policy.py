@@ -1,0 +1,81 @@
+"""Policy helpers against naive computations."""
+
+import math
+
+import torch
+
+from modules.policy import (completion_logprobs, logprobs_from_logits, position_ids_from_mask, reference_context,
+                            sequence_logprobs)
+
+
+def test_logprobs_from_logits_equals_log_softmax_gather():
+    logits = torch.randn(3, 5, 11, dtype=torch.float64)
+    labels = torch.randint(0, 11, (3, 5))
+    naive = logits.log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs_from_logits(logits, labels), naive)
+
+
+def test_logprobs_from_bf16_logits_upcasts():
+    logits = torch.randn(2, 4, 7).to(torch.bfloat16)
+    labels = torch.randint(0, 7, (2, 4))
+    out = logprobs_from_logits(logits, labels)
+    assert out.dtype == torch.float32
+    naive = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, naive)
+
+
+def test_sequence_logprobs_sum_and_mean():
+    """Row 0: -1 - 2 = -3 over 2 tokens (mean -1.5); row 1: -4 over 1 token."""
+    lp = torch.tensor([[-1.0, -2.0, -9.0], [-9.0, -9.0, -4.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 1]])
+    torch.testing.assert_close(sequence_logprobs(lp, mask), torch.tensor([-3.0, -4.0]))
+    torch.testing.assert_close(sequence_logprobs(lp, mask, average=True), torch.tensor([-1.5, -4.0]))
+
+
+def test_position_ids_ignore_left_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_completion_logprobs_match_full_forward(tiny_model):
+    ids = torch.randint(4, 200, (2, 9))
+    attn = torch.ones_like(ids)
+    attn[1, 7:] = 0
+    comp = torch.zeros_like(ids)
+    comp[0, 4:] = 1
+    comp[1, 5:7] = 1
+    lp, mask = completion_logprobs(tiny_model, ids, attn, comp)
+    full = tiny_model(input_ids=ids, attention_mask=attn).logits.log_softmax(-1)
+    naive = full[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    first = 4  # first column holding a completion token
+    assert lp.shape == (2, ids.shape[1] - first)
+    torch.testing.assert_close(lp * mask, naive[:, first - 1:] * mask, atol=1e-5, rtol=1e-5)
+    assert mask.tolist() == comp[:, first:].tolist()
+
+
+def test_left_padding_gives_unpadded_logprobs(tiny_model):
+    ids = torch.randint(4, 200, (1, 6))
+    comp = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    lp, _ = completion_logprobs(tiny_model, ids, torch.ones_like(ids), comp)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    lp_pad, _ = completion_logprobs(tiny_model, padded, attn, torch.cat([torch.zeros(1, 3, dtype=torch.long), comp], 1))
+    torch.testing.assert_close(lp_pad, lp, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_context_disables_lora(tiny_spec, byte_tokenizer):
+    from modules.models import LoRASpec, build_causal_lm
+
+    tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
+    model = build_causal_lm(tiny_spec, byte_tokenizer)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)  # a trained adapter changes the output
+    ids = torch.randint(4, 200, (1, 5))
+    with torch.no_grad():
+        with_adapter = model(input_ids=ids).logits
+        with reference_context(model):
+            base = model(input_ids=ids).logits
+        base_direct = model.get_base_model()
+    assert not torch.allclose(with_adapter, base)
+    assert math.isfinite(float(base.sum())) and base_direct is not None
