@@ -1,0 +1,87 @@
+"""Scalar-head models: reward models and PPO critics as Hugging Face ``AutoModelForSequenceClassification``
+(``num_labels=1``), so an exported reward model loads in plain transformers and initializes the critic directly.
+
+Scores are read from our own masks (the last real token), never from HF's pad-id pooling, which misreads rows when
+the pad id equals the eos id.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+
+from modules.models import ModelSpec, _quantization_config, is_peft, torch_dtype
+from modules.policy import position_ids_from_mask
+
+
+def build_scalar_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None,
+                       max_length: int | None = None) -> PreTrainedModel:
+    """A sequence-classification model with one output, from a hub id / folder (a causal LM's weights load into
+    the backbone; the head starts fresh) or from a config; LoRA (task ``SEQ_CLS``, head trained in full) and 4-bit
+    as in `modules.models`."""
+    if spec.name_or_path is None and spec.config is None:
+        raise ValueError("Set model.name_or_path (hub id or local folder) or model.config (random init).")
+    if spec.name_or_path is None:
+        cfg = dict(spec.config)
+        if tokenizer is not None:
+            cfg.setdefault("vocab_size", len(tokenizer))
+            for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                cfg.setdefault(key, getattr(tokenizer, key))
+        if max_length is not None:
+            cfg.setdefault("max_position_embeddings", max_length)
+        config = AutoConfig.for_model(**cfg, num_labels=1)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(spec.dtype))
+    else:
+        kwargs = {"num_labels": 1, "dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
+        if spec.load_in_4bit:
+            kwargs["quantization_config"] = _quantization_config(spec)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, **kwargs)
+        except OSError as e:
+            raise FileNotFoundError(
+                f"Scalar model '{spec.name_or_path}' is not on disk and could not be downloaded ({e}). Point "
+                "name_or_path at a local folder (an exported reward model or a causal LM saved with save_pretrained)."
+            ) from e
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.lora
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or [_head_name(model)]))
+    return model
+
+
+def _head_name(model: nn.Module) -> str:
+    hf = model.get_base_model() if is_peft(model) else model
+    for name in ("score", "classifier", "v_head"):
+        if hasattr(hf, name):
+            return name
+    raise TypeError(f"{type(hf).__name__} has no scalar head named score/classifier/v_head.")
+
+
+def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The head's output at every position (PPO values). Shape: ``(B, T)``, float32."""
+    hf = model.get_base_model() if is_peft(model) else model
+    backbone = getattr(hf, hf.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    head = getattr(hf, _head_name(model))
+    return head(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: Tensor) -> Tensor:
+    """Index of the rightmost real token of each row (works for left and right padding). Shape: ``(B,)``."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The head's output at each row's last real token (reward-model scores). Shape: ``(B,)``, float32."""
+    scores = token_scores(model, input_ids, attention_mask)
+    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
