@@ -77,12 +77,23 @@ def completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Ten
 
 
 @contextlib.contextmanager
-def reference_context(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` as its own reference: a peft model with its adapters disabled (no second copy of the base).
+def reference_context(model: nn.Module, adapter: str | None = None) -> Iterator[None]:
+    """Run a peft (LoRA) ``model`` as its own reference, with no second copy of the base weights.
 
-    Raises ``TypeError`` for a model without adapters: such a model needs an explicit frozen reference.
+    ``adapter=None``: all adapters disabled (the reference is the base model). A name: that adapter is made the
+    active one for the duration (e.g. the EMA reference adapter kept by `callbacks.ema_reference.EMAReference`), then
+    the previously active adapter is restored, trainable again. Raises ``TypeError`` for a model without adapters:
+    such a model needs an explicit frozen reference copy.
     """
     if not hasattr(model, "disable_adapter"):
         raise TypeError("reference_context needs a peft (LoRA) model; use a frozen reference copy otherwise.")
-    with model.disable_adapter():
+    if adapter is None:
+        with model.disable_adapter():
+            yield
+        return
+    previous = model.active_adapter
+    model.set_adapter(adapter)
+    try:
         yield
+    finally:
+        model.set_adapter(previous)  # peft's set_adapter also makes the active adapter trainable again

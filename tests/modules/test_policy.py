@@ -79,3 +79,24 @@ def test_reference_context_disables_lora(tiny_spec, byte_tokenizer):
         base_direct = model.get_base_model()
     assert not torch.allclose(with_adapter, base)
     assert math.isfinite(float(base.sum())) and base_direct is not None
+
+
+def test_reference_context_named_adapter_restores_training_state(tiny_spec, byte_tokenizer):
+    from modules.models import LoRASpec, build_causal_lm
+
+    tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
+    model = build_causal_lm(tiny_spec, byte_tokenizer)
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, p in model.named_parameters():
+        if "lora_B.ref" in name:
+            torch.nn.init.normal_(p)
+    ids = torch.randint(4, 200, (1, 5))
+    with torch.no_grad():
+        default = model(input_ids=ids).logits
+        with reference_context(model, "ref"):
+            ref = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(default, ref) and torch.equal(default, again)
+    assert model.active_adapter == "default"
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default" in n for n in trainable)
