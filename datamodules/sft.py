@@ -174,6 +174,10 @@ class SFTDataModule(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
                           collate_fn=self._collate(), num_workers=self.hparams.num_workers)
 
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""
+        return self.val_dataloader()
+
     # --- exact resume: count consumed training batches and skip them after a restart --------------------------
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:

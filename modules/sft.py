@@ -87,9 +87,18 @@ class SFTModule(L.LightningModule):
         self.val_nll.update(loss.detach(), weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
+        self._log_nll("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_nll("test")
+
+    def _log_nll(self, stage: str) -> None:
         nll = self.val_nll.compute()
-        self.log("val/loss", nll, prog_bar=True)
-        self.log("val/ppl", torch.exp(nll.clamp(max=50)) if math.isfinite(float(nll)) else nll)
+        self.log(f"{stage}/loss", nll, prog_bar=True)
+        self.log(f"{stage}/ppl", torch.exp(nll.clamp(max=50)) if math.isfinite(float(nll)) else nll)
         self.val_nll.reset()
 
     # --- setup ------------------------------------------------------------------------------------------------

@@ -81,3 +81,29 @@ def test_tiny_sft_end_to_end_exports_a_generating_model(tmp_path):
     ids = tok("Write the word in capital letters.", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > ids.shape[1] and torch.isfinite(model(out).logits).all()
+
+
+def test_validate_test_and_export_from_checkpoint(tmp_path):
+    """A checkpoint from fit feeds `validate` and `test`, and `recipes.export` turns it into an HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recipes.export import export_checkpoint
+
+    root = tmp_path / "run"
+    common = ["--config", "yaml/tiny/sft.yaml", "--trainer.enable_progress_bar", "false",
+              "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root),
+              "--data.init_args.max_rows", "80"]
+    cli = cli_main(["fit", *common, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3"])
+    ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
+    if not ckpt:
+        ckpt = str(tmp_path / "manual.ckpt")
+        cli.trainer.save_checkpoint(ckpt)
+    for sub, key in (("validate", "val/loss"), ("test", "test/loss")):
+        res = cli_main([sub, *common, "--ckpt_path", ckpt]).trainer.callback_metrics
+        assert key in res and torch.isfinite(res[key])
+    config = Path(cli.trainer.log_dir) / "config.yaml"
+    out = export_checkpoint(str(config), ckpt, str(tmp_path / "hf"))
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    trained = cli.model.policy
+    torch.testing.assert_close(exported.model.embed_tokens.weight, trained.model.embed_tokens.weight)
