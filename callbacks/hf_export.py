@@ -33,10 +33,11 @@ class HFExport(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Export once, from rank 0, after the last optimizer step."""
+        """Export after the last optimizer step: every rank takes part (sharded weights are gathered), rank 0
+        writes."""
         if not hasattr(pl_module, "export_pretrained"):
             raise TypeError(f"{type(pl_module).__name__} has no export_pretrained(path) method to export with.")
-        path = self.resolve_path(trainer)
-        if trainer.is_global_zero:
-            self.exported_to = pl_module.export_pretrained(path, merge_lora=self.merge_lora)
+        path = trainer.strategy.broadcast(self.resolve_path(trainer))
+        self.exported_to = pl_module.export_pretrained(path, merge_lora=self.merge_lora,
+                                                       is_writer=trainer.is_global_zero)
         trainer.strategy.barrier("hf_export")

@@ -160,6 +160,25 @@ def prepare_for_training(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedM
     return model
 
 
+def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None) -> torch.nn.Module:
+    """Shard ``model`` with FSDP2 (``fully_shard``) over the mesh Lightning's ``ModelParallelStrategy`` provides:
+    each decoder layer (the model's ``_no_split_modules``) becomes one unit, then the root. No-op without a mesh."""
+    if device_mesh is None:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    base = model.get_base_model() if is_peft(model) else model
+    layer_types = set(getattr(base, "_no_split_modules", None) or [])
+    if not layer_types:
+        raise ValueError(f"{type(base).__name__} names no _no_split_modules to shard by; wrap it yourself.")
+    for module in model.modules():
+        if type(module).__name__ in layer_types:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
 

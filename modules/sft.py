@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from modules.export import save_pretrained
-from modules.models import ModelSpec, build_causal_lm
+from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
 from modules.optim import adamw, build_optimization
 from modules.policy import completion_logprobs
 
@@ -104,11 +104,13 @@ class SFTModule(L.LightningModule):
     # --- setup ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+            self.policy = fsdp2_shard(build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length),
+                                      self.device_mesh)  # FSDP2 under ModelParallelStrategy, else unchanged
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimization(self, self.policy.parameters(), self.optimizer_factory, self.scheduler_factory)
 
-    def export_pretrained(self, path: str, merge_lora: bool = True) -> str:
-        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora)
+    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
+        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
+        call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""
+        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
