@@ -129,3 +129,10 @@ def test_resumable_sampler_skips_and_shards():
     assert len(s) == 10
     r0, r1 = (list(ResumableSampler(data, num_replicas=2, rank=r, seed=3)) for r in (0, 1))
     assert sorted(r0 + r1) == data
+
+
+def test_chat_template_format(byte_tokenizer):
+    byte_tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert format_prompt("hi", "chat", byte_tokenizer) == "<|user|>hi<|assistant|>"

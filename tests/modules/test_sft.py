@@ -108,3 +108,18 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     resumed = run(9, ckpt_path=str(ckpt))
     for n, p in full.items():
         torch.testing.assert_close(resumed[n], p, msg=n)
+
+
+def test_lora_sft_changes_adapter_only():
+    from modules.models import LoRASpec
+
+    module, data = _module_and_data()
+    module.spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    quiet_trainer(max_steps=2).fit(module, data)
+    for n, p in module.policy.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
