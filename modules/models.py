@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,10 @@ def torch_dtype(name: str) -> torch.dtype | str:
     return "auto" if name == "auto" else getattr(torch, name)
 
 
-def _random_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None,
-                  max_length: int | None) -> PreTrainedModel:
+def config_from_spec(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None, max_length: int | None,
+                     **overrides: Any) -> PreTrainedConfig:
+    """The transformers config of a random model: ``spec.config`` with the tokenizer's vocab size and special ids
+    and the data's token budget filled in where the spec leaves them out."""
     cfg_dict = dict(spec.config or {})
     if "model_type" not in cfg_dict:
         raise ValueError("model.config needs a 'model_type' (e.g. 'llama') to build a random model from a config.")
@@ -80,10 +83,15 @@ def _random_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None,
             cfg_dict.setdefault(key, getattr(tokenizer, key))
     if max_length is not None:
         cfg_dict.setdefault("max_position_embeddings", max_length)
-    config = AutoConfig.for_model(**cfg_dict)
+    config = AutoConfig.for_model(**cfg_dict, **overrides)
     if spec.attn_implementation:
         config._attn_implementation = spec.attn_implementation
-    return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(spec.dtype))
+    return config
+
+
+def _random_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None,
+                  max_length: int | None) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_config(config_from_spec(spec, tokenizer, max_length), dtype=torch_dtype(spec.dtype))
 
 
 def _quantization_config(spec: ModelSpec):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from modules.models import ModelSpec, _quantization_config, is_peft, torch_dtype
+from modules.models import ModelSpec, _quantization_config, config_from_spec, is_peft, torch_dtype
 from modules.policy import position_ids_from_mask
 
 
@@ -23,14 +23,7 @@ def build_scalar_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | Non
     if spec.name_or_path is None and spec.config is None:
         raise ValueError("Set model.name_or_path (hub id or local folder) or model.config (random init).")
     if spec.name_or_path is None:
-        cfg = dict(spec.config)
-        if tokenizer is not None:
-            cfg.setdefault("vocab_size", len(tokenizer))
-            for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
-                cfg.setdefault(key, getattr(tokenizer, key))
-        if max_length is not None:
-            cfg.setdefault("max_position_embeddings", max_length)
-        config = AutoConfig.for_model(**cfg, num_labels=1)
+        config = config_from_spec(spec, tokenizer, max_length, num_labels=1)
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(spec.dtype))
     else:
         kwargs = {"num_labels": 1, "dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
