@@ -32,3 +32,110 @@ class RewardFunction(Protocol):
         responses: Sequence[str],
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> torch.Tensor: ...
+
+
+class CharacterFractionReward:
+    """``scale`` times the fraction of a response's characters that belong to ``chars`` (0 for an empty response).
+
+    A dense programmatic reward for CPU smoke runs: a random-init byte-level model starts near
+    ``len(chars) / 256`` and PPO can raise it within tens of iterations, so learning is visible in minutes.
+
+    Example::
+
+        CharacterFractionReward("ab")(["q", "q"], ["aab", "xy"])  # tensor([1.0, 0.0])
+
+    Args:
+        chars: the characters that earn reward.
+        scale: the reward of a response made only of ``chars`` (the paper's code reward gives 10 for a pass).
+    """
+
+    def __init__(self, chars: str = "abcdefghijklmnopqrstuvwxyz ", scale: float = 1.0) -> None:
+        if not chars:
+            raise ValueError("CharacterFractionReward: chars is empty; give at least one character.")
+        self.chars, self.scale = frozenset(chars), float(scale)
+
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+        """Score each response by its share of characters in ``chars``."""
+        return self.scale * torch.tensor([sum(c in self.chars for c in r) / len(r) if r else 0.0 for r in responses])
+
+
+class SequenceClassifierReward:
+    """A reward-model folder (an exported ``RewardModule`` or any Hugging Face sequence-classification model with
+    one label) as a `RewardFunction`.
+
+    Texts are tokenized with the reward model's own tokenizer, loaded from its folder (or ``tokenizer``): the policy's
+    token ids are never fed to it, so a reward model with a different vocabulary scores correctly. The score is the
+    head's output at the last real token of ``prompt + response (+ eos)``.
+
+    Example::
+
+        reward = SequenceClassifierReward("runs/rm/hf")
+        reward.to("cuda")
+        reward(["\\n\\nHuman: hi\\n\\nAssistant:"], [" Hello!"])  # tensor([0.83])
+
+    Args:
+        path: the reward model folder (``config.json``, weights, and normally the tokenizer).
+        tokenizer: a tokenizer id or folder when ``path`` holds none.
+        append_eos: append the reward tokenizer's EOS token, as the preference data modules do in training.
+        batch_size: rows per forward pass.
+        max_length: truncate longer texts from the left (counted in ``truncated``); None keeps everything.
+        dtype: weight dtype (``float32``, ``bfloat16``, ``float16``).
+    """
+
+    def __init__(self, path: str, tokenizer: str | None = None, append_eos: bool = True, batch_size: int = 16,
+                 max_length: int | None = None, dtype: str = "float32") -> None:
+        self.path, self.tokenizer_path, self.append_eos = path, tokenizer, append_eos
+        self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
+        self.model, self.tokenizer, self.device = None, None, torch.device("cpu")
+        self.truncated = 0
+
+    def _load(self) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        from datamodules.tokenizer import load_tokenizer
+
+        try:
+            self.tokenizer = load_tokenizer(self.tokenizer_path or self.path)
+        except (OSError, ValueError, TypeError) as e:
+            raise FileNotFoundError(
+                f"Reward model '{self.path}': no tokenizer could be loaded from it ({e.__class__.__name__}). Save the "
+                "reward model's tokenizer in its folder, or set the reward's `tokenizer` to its tokenizer folder."
+            ) from e
+        self.model = AutoModelForSequenceClassification.from_pretrained(self.path, dtype=getattr(torch, self.dtype))
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"Reward model '{self.path}' has {self.model.config.num_labels} labels; a reward model "
+                             "has one scalar output (num_labels=1).")
+        self.model.requires_grad_(False).eval().to(self.device)
+
+    def to(self, device: torch.device | str) -> SequenceClassifierReward:
+        """Move the reward model (loaded on first use) to ``device``."""
+        self.device = torch.device(device)
+        if self.model is not None:
+            self.model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], responses: Sequence[str],
+                 metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
+        """Score ``prompt + response`` texts with the reward model, re-tokenized with its own tokenizer."""
+        from modules.scalar_models import sequence_scores
+
+        if self.model is None:
+            self._load()
+        tok, scores = self.tokenizer, []
+        texts = [p + r for p, r in zip(prompts, responses)]
+        for start in range(0, len(texts), self.batch_size):
+            ids = tok(texts[start:start + self.batch_size], add_special_tokens=True)["input_ids"]
+            if self.append_eos:
+                ids = [row + [tok.eos_token_id] for row in ids]
+            if self.max_length is not None:
+                self.truncated += sum(len(row) > self.max_length for row in ids)
+                ids = [row[-self.max_length:] for row in ids]
+            width = max(len(row) for row in ids)
+            input_ids = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, row in enumerate(ids):
+                input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+            scores.append(sequence_scores(self.model, input_ids.to(self.device), mask.to(self.device)).float().cpu())
+        return torch.cat(scores)

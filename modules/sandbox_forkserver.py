@@ -7,7 +7,10 @@ library only. Saves the ~25 ms interpreter launch and imports per job.
 import os
 import socket
 
-import sandbox_harness
+try:
+    import sandbox_harness  # run as a script by the sandbox: its folder is the first sys.path entry
+except ModuleNotFoundError:  # imported as part of the package (docs, import checks)
+    from modules import sandbox_harness
 
 
 def serve(sock_fd):

@@ -1,0 +1,134 @@
+"""EMAReference: keep the KL reference of PPO or DPO as an exponential moving average of the policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from modules.models import is_peft
+
+
+class EMAReference(Callback):
+    """After each training step, move the reference towards the policy: ``ref <- (1 - eta) * ref + eta * policy``.
+
+    The module is left as it is (unlike Lightning's ``WeightAveraging``, nothing is swapped into the trained
+    model); only the reference that the KL term (PPO) or the log-ratio (DPO, TR-DPO style) is measured against
+    moves. ``eta = 0`` keeps the initial reference, ``eta = 1`` makes it the current policy.
+
+    - Full fine-tuning: the module's ``reference`` attribute, a frozen ``nn.Module`` with the policy's parameter
+      names, is updated in place (``torch.lerp``).
+    - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy and
+      initialized from the policy's adapter at the start of fit; the module's ``reference_adapter`` is set to it so
+      that it runs its reference through ``modules.policy.reference_context(policy, reference_adapter)``. Only the
+      adapter factors are averaged (the reference is ``base + B_ema A_ema``, not the average of ``B A``), and no
+      second base model exists.
+
+    The step is ``trainer.global_step`` (optimizer steps; for ``PPOModule`` one per PPO iteration), and the update
+    runs once per new step even with gradient accumulation. The full-FT reference and the EMA adapter are in the
+    model's state dict, so a checkpoint holds them; the callback's own state is the last updated step.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[EMAReference(eta=0.1, update_every_n_steps=1)])
+        trainer.fit(PPOModule(...), PromptDataModule(...))
+
+    Args:
+        eta: the EMA rate ``eta`` in ``[0, 1]``.
+        update_every_n_steps: update after every n-th optimizer step.
+        start_step: first ``global_step`` at which updates happen.
+        policy_attr: the module attribute holding the policy.
+        adapter_name: the name of the EMA adapter with LoRA.
+    """
+
+    def __init__(self, eta: float = 0.1, update_every_n_steps: int = 1, start_step: int = 1,
+                 policy_attr: str = "policy", adapter_name: str = "ema_reference") -> None:
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"EMAReference: eta must be in [0, 1], got {eta}.")
+        if update_every_n_steps < 1:
+            raise ValueError(f"EMAReference: update_every_n_steps must be >= 1, got {update_every_n_steps}.")
+        self.eta, self.update_every_n_steps, self.start_step = eta, update_every_n_steps, start_step
+        self.policy_attr, self.adapter_name = policy_attr, adapter_name
+        self.last_updated_step = 0
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def should_update(self, step: int) -> bool:
+        """Whether to update the reference after the optimizer step that brought ``global_step`` to ``step``."""
+        return step >= self.start_step and (step - self.start_step) % self.update_every_n_steps == 0
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Let a checkpoint that holds the EMA adapter load into a policy that does not have it yet."""
+        pl_module.register_load_state_dict_pre_hook(self._add_adapter_before_load)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Create the LoRA EMA adapter (from the policy's, unless a checkpoint restored it) and pair up parameters."""
+        policy = getattr(pl_module, self.policy_attr)
+        if is_peft(policy):
+            fresh = self.adapter_name not in policy.peft_config
+            if fresh:
+                self._add_adapter(policy)
+            self._pairs = self._lora_pairs(policy)
+            if fresh:  # a new EMA adapter starts equal to the policy's; a restored one keeps its checkpointed values
+                with torch.no_grad():
+                    for ref, param in self._pairs:
+                        ref.copy_(param)
+            pl_module.reference_adapter = self.adapter_name
+        else:
+            reference = getattr(pl_module, "reference", None)
+            if not isinstance(reference, nn.Module):
+                raise TypeError(f"EMAReference: {type(pl_module).__name__} has neither a LoRA policy nor a "
+                                "`reference` module to average into.")
+            ref_params = dict(reference.named_parameters())
+            self._pairs = [(ref_params[name], p) for name, p in policy.named_parameters()]
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Average the policy into the reference when an optimizer step happened and ``should_update`` says so."""
+        # global_step is 1 after the first optimizer step, so step k is "after k optimizer steps"; comparing with the
+        # last updated step makes accumulation micro-batches (same global_step) update once.
+        step = trainer.global_step
+        if step == self.last_updated_step or not self.should_update(step):
+            return
+        with torch.no_grad():
+            refs = [r for r, _ in self._pairs]
+            torch._foreach_lerp_(refs, [p.detach().to(r.dtype) for r, p in self._pairs], self.eta)
+        self.last_updated_step = step
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The last updated step (the averaged weights themselves are in the model's state dict)."""
+        return {"last_updated_step": self.last_updated_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the last updated step."""
+        self.last_updated_step = int(state_dict["last_updated_step"])
+
+    # --- LoRA helpers -------------------------------------------------------------------------------------------
+    def _add_adapter(self, policy: nn.Module) -> None:
+        """Add a frozen adapter ``adapter_name`` with the active adapter's configuration (active one unchanged)."""
+        active = policy.active_adapter
+        policy.add_adapter(self.adapter_name, policy.peft_config[active])
+        policy.set_adapter(active)  # keeps the policy's adapter active and trainable, the EMA one frozen
+        for name, p in policy.named_parameters():
+            if f".{self.adapter_name}." in name:
+                p.requires_grad_(False)
+
+    def _lora_pairs(self, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(EMA adapter parameter, policy adapter parameter) for every adapter weight."""
+        active, params = policy.active_adapter, dict(policy.named_parameters())
+        return [(params[name.replace(f".{active}.", f".{self.adapter_name}.")], p) for name, p in params.items()
+                if f".{active}." in name]
+
+    def _add_adapter_before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        policy = getattr(module, self.policy_attr, None)
+        if (policy is not None and is_peft(policy) and self.adapter_name not in policy.peft_config
+                and any(f".{self.adapter_name}." in key for key in state_dict)):
+            self._add_adapter(policy)

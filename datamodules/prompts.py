@@ -1,0 +1,191 @@
+"""PromptDataModule: prompts for RL rollouts (HH-RLHF, PKU-SafeRLHF, Alpaca instructions, plain prompt files),
+tokenized once and served left-padded, ``rollout_batch_size`` per batch, with an exactly resumable order.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.builtin import resolve_builtin
+from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
+from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from datamodules.sampler import ResumableSampler
+from datamodules.tokenizer import load_tokenizer
+from modules.types import PromptBatch
+
+log = logging.getLogger(__name__)
+
+PromptSource = Literal["hh", "saferlhf", "alpaca", "plain"]
+BUILTIN_PROMPTS = "builtin:prompts"
+
+
+def builtin_prompt_rows(n: int = 512, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` short prompts (``Say something about <word>:``) for the tiny CPU configs; rewards ignore their content."""
+    rng = random.Random(seed)
+    return [{"prompt": "Say something about " + "".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 5)))
+             + ":"} for _ in range(n)]
+
+
+def read_prompt_rows(path: str, split: str = "train") -> list[dict[str, Any]]:
+    """Records of a JSON/JSONL/Parquet file or hub id, or of a ``.txt`` file with one prompt per non-empty line."""
+    if path == BUILTIN_PROMPTS:
+        return builtin_prompt_rows()
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [{"prompt": line.rstrip("\n")} for line in f if line.strip()]
+    return load_records(resolve_builtin(path), split=split)
+
+
+def to_prompt(record: dict[str, Any], source_format: PromptSource, prompt_format: PromptFormat, source: str,
+              row: int, tokenizer=None) -> tuple[str, dict[str, Any]]:
+    """One raw record -> (prompt text, metadata for the reward), or a `DataFormatError` naming the row and field."""
+    if source_format == "hh":
+        dialogue = require_text(record, "chosen", source, row)
+        parts = split_hh_dialogue(dialogue)
+        if parts is None or not dialogue.lstrip("\n").startswith(HUMAN.strip()):
+            raise DataFormatError(source, row, "chosen", "is not an HH dialogue ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+        return parts[0], {}  # the dialogue history up to the last assistant turn; the responses are not used
+    if source_format == "alpaca":
+        instruction, extra = require_text(record, "instruction", source, row), record.get("input") or ""
+        if prompt_format == "alpaca":
+            return alpaca_prompt(instruction, extra), {}
+        return format_prompt(f"{instruction}\n\n{extra}" if extra.strip() else instruction, prompt_format,
+                             tokenizer), {}
+    if source_format in ("saferlhf", "plain"):
+        text = require_text(record, "prompt", source, row)
+        meta = {k: v for k, v in record.items() if k != "prompt"}
+        return format_prompt(text, prompt_format, tokenizer), meta
+    raise ValueError(f"Unknown source_format {source_format!r}; choose one of hh, saferlhf, alpaca, plain.")
+
+
+def pad_prompts(rows: list[dict[str, Any]], pad_token_id: int) -> PromptBatch:
+    """Left-pad tokenized prompts so every response starts at the same column. Shapes: ``(B, P)``."""
+    width = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        input_ids[i, width - n:] = torch.tensor(r["input_ids"], dtype=torch.long)
+        attention_mask[i, width - n:] = 1
+    return PromptBatch(input_ids=input_ids, attention_mask=attention_mask, prompts=[r["prompt"] for r in rows],
+                       metadata=[r["metadata"] for r in rows])
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for PPO rollouts: one batch is one rollout of ``rollout_batch_size`` left-padded prompts.
+
+    Prompts longer than ``max_prompt_length`` tokens are dropped (``long_prompts: drop``) or cut from the left
+    (``truncate``), and either is counted and logged; a file with no usable prompt is an error with the counts.
+
+    Args:
+        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`); linked into the model.
+        data: local file (JSON/JSONL/Parquet, or ``.txt`` with one prompt per line), hub id, or ``builtin:prompts``.
+        source_format: ``hh`` (the dialogue of an HH-RLHF ``chosen`` field up to its last assistant turn),
+            ``saferlhf`` (PKU-SafeRLHF ``prompt``), ``alpaca`` (``instruction``/``input``) or ``plain`` (``prompt``;
+            the row's other fields go to the reward as metadata).
+        prompt_format: how a single-turn request is rendered (``hh``, ``alpaca``, ``chat``, ``plain``).
+        max_length: prompt + response token budget (linked into the model).
+        max_prompt_length: prompt token budget (default: ``max_length`` // 2).
+        long_prompts: ``drop`` or ``truncate`` (from the left) prompts over the budget.
+        rollout_batch_size: prompts per PPO iteration, per process.
+        max_rows: use only the first ``max_rows`` rows.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "builtin:byte",
+        data: str = BUILTIN_PROMPTS,
+        source_format: PromptSource = "plain",
+        prompt_format: PromptFormat = "plain",
+        split: str = "train",
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        long_prompts: Literal["drop", "truncate"] = "drop",
+        rollout_batch_size: int = 64,
+        num_workers: int = 0,
+        max_rows: int | None = None,
+        drop_empty: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        self.train_set: list[dict[str, Any]] = []
+        self.counts: dict[str, int] = {}
+        self._consumed = 0  # rollout batches consumed in the current epoch, for exact resume
+        self._resume_skip = 0
+
+    def _read(self, source: str) -> list[dict[str, Any]]:
+        hp, tok = self.hparams, self.tokenizer
+        records = read_prompt_rows(source, hp.split)
+        if hp.max_rows is not None and len(records) > hp.max_rows:
+            log.info("%s: using the first %d of %d rows (max_rows)", source, hp.max_rows, len(records))
+            records = records[: hp.max_rows]
+        if not records:
+            raise DataFormatError(source, None, None, "has no prompts (0 rows)", "point `data` at a non-empty file")
+        counter, rows = DropCounter(source), []
+        for i, record in enumerate(records):
+            try:
+                prompt, meta = to_prompt(record, hp.source_format, hp.prompt_format, source, i, tok)
+            except EmptyFieldError as e:
+                if not hp.drop_empty:
+                    raise
+                counter.add(f"dropped: empty '{e.field}'")
+                continue
+            ids = tok(prompt, add_special_tokens=True)["input_ids"]
+            if len(ids) > self.max_prompt_length:
+                if hp.long_prompts == "drop":
+                    counter.add(f"dropped: longer than max_prompt_length={self.max_prompt_length} tokens")
+                    continue
+                counter.add(f"truncated from the left to max_prompt_length={self.max_prompt_length} tokens")
+                ids = ids[-self.max_prompt_length:]
+            rows.append({"input_ids": ids, "prompt": prompt, "metadata": meta})
+        counter.report(len(records))
+        self.counts = {"rows": len(records), "kept": len(rows), **dict(counter.items())}
+        if not rows:
+            raise DataFormatError(source, None, None, f"has no usable prompt: {self.counts}",
+                                  "raise data.max_prompt_length (or max_length), or set long_prompts: truncate")
+        return rows
+
+    def setup(self, stage: str) -> None:
+        if not self.train_set:
+            self.train_set = self._read(self.hparams.data)
+            if len(self.train_set) < self.hparams.rollout_batch_size:
+                raise DataFormatError(self.hparams.data, None, None, f"has {len(self.train_set)} usable prompts, "
+                                      f"fewer than one rollout (rollout_batch_size={self.hparams.rollout_batch_size})",
+                                      "add prompts or lower data.rollout_batch_size")
+            log.info("Prompt data: %d prompts (%s)", len(self.train_set), self.counts)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer, hp = self.trainer, self.hparams
+        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
+                                   rank=trainer.global_rank if trainer else 0, shuffle=True, seed=hp.seed)
+        sampler.skip(self._resume_skip * hp.rollout_batch_size)
+        self._consumed, self._resume_skip = self._resume_skip, 0
+        # drop_last: every rollout has exactly rollout_batch_size prompts, so minibatch sizes never change
+        return DataLoader(self.train_set, batch_size=hp.rollout_batch_size, sampler=sampler, drop_last=True,
+                          collate_fn=partial(pad_prompts, pad_token_id=self.tokenizer.pad_token_id),
+                          num_workers=hp.num_workers)
+
+    # --- exact resume: count consumed rollout batches and skip them after a restart (as datamodules.sft) ---------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        n_batches = (-(-len(self.train_set) // world)) // self.hparams.rollout_batch_size
+        return {"consumed_batches": self._consumed % n_batches if n_batches else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_skip = int(state_dict.get("consumed_batches", 0))

@@ -1,0 +1,335 @@
+"""PPOModule: RLHF with PPO (clipped policy and value losses, GAE, per-token KL penalty to a reference) under manual
+optimization; one training step is one PPO iteration: a rollout, then ``ppo_epochs`` passes of minibatch updates."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from modules.export import save_pretrained
+from modules.generation import response_logprobs, response_values, sample
+from modules.losses import PPOPolicyLoss, PPOValueLoss
+from modules.models import ModelSpec, build_causal_lm, is_peft
+from modules.optim import adamw, build_optimization
+from modules.policy import reference_context
+from modules.rewards import RewardFunction
+from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
+                              masked_mean, masked_whiten, terminal_scores)
+from modules.scalar_models import build_scalar_model
+from modules.types import Generation, PromptBatch, Trajectory
+
+
+class PPOModule(L.LightningModule):
+    """Proximal Policy Optimization of a causal LM against a reward (Schulman et al., arXiv 1707.06347, in the RLHF
+    form of Ziegler et al., arXiv 1909.08593, with the three tricks of Xu et al., arXiv 2404.10719, Table 3).
+
+    One training step is one PPO iteration, so ``trainer.max_steps``, checkpoint intervals, the schedulers and
+    `callbacks.ema_reference.EMAReference` all count iterations (the inner optimizer steps are not counted):
+
+    1. the batch is ``rollout_batch_size`` left-padded prompts from `datamodules.prompts.PromptDataModule`;
+    2.-6. `rollout` samples, scores and evaluates them into a `modules.types.Trajectory`;
+    7. ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``mini_batch_size`` rows (each split into
+       micro-batches of ``micro_batch_size`` rows whose token-weighted gradients add up to the minibatch's): clipped
+       policy loss for the actor optimizer, clipped value loss for the critic optimizer, gradient clipping, and an
+       early stop of the iteration once a minibatch's ``approx_kl`` exceeds ``target_kl``.
+
+    The reference is a frozen copy ``self.reference`` for full fine-tuning; with LoRA it is the policy with adapters
+    disabled, or with the adapter named ``self.reference_adapter`` (set by ``EMAReference``). The critic is a
+    one-label sequence-classification model, normally initialized from the reward model's folder.
+
+    Args:
+        model: the policy (see `modules.models.ModelSpec`); built in ``configure_model``.
+        critic: the value model; must read the policy's token ids (same tokenizer).
+        reward: a `modules.rewards.RewardFunction` (``class_path``): a programmatic reward, or
+            `modules.rewards.SequenceClassifierReward` around a reward-model folder (re-tokenizes the texts).
+        tokenizer, max_length: linked from the data module by the CLI.
+        optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic optimization; schedulers step
+            once per iteration.
+        max_new_tokens, temperature, top_k, top_p: sampling (``top_k=0`` and ``top_p=1`` disable those filters).
+        generation_batch_size: prompts generated at a time (None: the whole rollout).
+        reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (paper: 20); None: no clip.
+        missing_eos_penalty: the terminal score of a response truncated before EOS; None keeps its own score.
+        normalize_rewards: standardize scores with running mean and std over every score seen, before clipping.
+        kl_coef, kl_estimator: the per-token KL penalty ``-kl_coef * KL_t`` (``k1`` or ``k3``).
+        gamma, lam: GAE discount and lambda (arXiv 1506.02438, Eq. 16; paper: both 1).
+        normalize_advantages: whiten advantages to zero mean and unit variance over the response tokens of the
+            whole rollout batch (once per iteration, not per minibatch).
+        normalize_values: the critic predicts returns standardized by running mean and std of all returns seen.
+        ppo_epochs, mini_batch_size, micro_batch_size: passes, rows per optimizer step (None: the whole rollout),
+            rows per forward/backward (None: the minibatch); ``micro_batch_size`` also chunks the rollout forwards.
+        policy_loss, value_loss: default ``PPOPolicyLoss(0.2)`` and ``PPOValueLoss(0.2)``.
+        max_grad_norm: clip each model's gradient norm (None: no clipping).
+        target_kl: stop the iteration's updates when a minibatch's approx KL exceeds it (None: never).
+        disable_dropout: set every dropout to 0, so rollout and update see the same policy.
+        sampling_seed: seed of the sampling/shuffling generator (None: ``torch.initial_seed()``, set by ``seed_everything``).
+    """
+
+    def __init__(
+        self, model: ModelSpec, critic: ModelSpec, reward: Callable[..., Any],
+        tokenizer: PreTrainedTokenizerBase | None = None, max_length: int | None = None,
+        optimizer: OptimizerCallable = adamw, critic_optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None, critic_scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        generation_batch_size: int | None = None, reward_clip: float | None = 20.0,
+        missing_eos_penalty: float | None = None, normalize_rewards: bool = False,
+        kl_coef: float = 0.1, kl_estimator: KLEstimator = "k1", gamma: float = 1.0, lam: float = 1.0,
+        normalize_advantages: bool = True, normalize_values: bool = False,
+        ppo_epochs: int = 4, mini_batch_size: int | None = None, micro_batch_size: int | None = None,
+        policy_loss: PPOPolicyLoss | None = None, value_loss: PPOValueLoss | None = None,
+        max_grad_norm: float | None = 1.0, target_kl: float | None = None, disable_dropout: bool = True,
+        sampling_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "reward", "optimizer", "critic_optimizer", "scheduler",
+                                          "critic_scheduler", "policy_loss", "value_loss"])
+        self.automatic_optimization = False
+        if not isinstance(reward, RewardFunction):  # typed as a callable so YAML's class_path instantiates it
+            raise TypeError(f"reward must follow modules.rewards.RewardFunction, got {type(reward).__name__}.")
+        self.spec, self.critic_spec, self.tokenizer, self.reward_fn = model, critic, tokenizer, reward
+        self.factories = (optimizer, critic_optimizer, scheduler, critic_scheduler)
+        self.policy_loss = policy_loss if policy_loss is not None else PPOPolicyLoss(0.2)
+        self.value_loss = value_loss if value_loss is not None else PPOValueLoss(0.2)
+        self.policy: nn.Module | None = None
+        self.critic: nn.Module | None = None
+        self.reference: nn.Module | None = None  # frozen copy for full fine-tuning; None with LoRA
+        self.reference_adapter: str | None = None  # LoRA: None = adapters disabled; EMAReference sets its adapter
+        self.reward_moments, self.value_moments = RunningMoments(), RunningMoments()
+        self.generator: torch.Generator | None = None
+        self._rng_state: Tensor | None = None
+
+    def forward(self, batch: PromptBatch) -> Generation:
+        """Sample responses to a prompt batch with the configured sampling settings."""
+        hp, tok = self.hparams, self.tokenizer
+        return sample(self.policy, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens, tok.eos_token_id,
+                      tok.pad_token_id, hp.temperature, hp.top_k, hp.top_p, generator=self.rng())
+
+    # --- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        """One PPO iteration: rollout (steps 2-6), then the minibatch updates (step 7)."""
+        start = time.perf_counter()
+        traj = self.rollout(batch)
+        self.log("time/rollout_s", time.perf_counter() - start, batch_size=1)
+        start, hp = time.perf_counter(), self.hparams
+        opts, schedulers = self.optimizers(), self.lr_schedulers()
+        n, stats = traj.input_ids.shape[0], []
+        mini = hp.mini_batch_size or n
+        stop = False
+        for epoch in range(hp.ppo_epochs):
+            for mb in traj.minibatches(mini, self.rng()):
+                stats.append(self._update(mb, opts))
+                if hp.target_kl is not None and stats[-1][2] > hp.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        for scheduler in [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s]:
+            scheduler.step()
+        # One trainer step per iteration: the inner optimizer steps above bypass the step counter (see _step).
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready(), progress.increment_completed()
+        means = torch.tensor(stats).mean(0).tolist()
+        for name, value in zip(("policy_loss", "value_loss", "approx_kl", "clipfrac", "value_clipfrac"), means):
+            self.log(f"ppo/{name}", value, batch_size=n)
+        self.log("ppo/updates", float(len(stats)), batch_size=n)
+        self.log("time/train_s", time.perf_counter() - start, batch_size=1)
+
+    @torch.no_grad()
+    def rollout(self, batch: PromptBatch) -> Trajectory:
+        """Turn a prompt batch into a `Trajectory`, in the numbered steps of an iteration (step 1 is the batch):
+
+        2. generate with a KV cache (`modules.generation.sample`, dropout off), ``generation_batch_size`` at a time;
+        3. score the decoded texts with ``reward``; optionally standardize by running moments; clip; responses that
+           did not end with EOS get ``missing_eos_penalty`` (`terminal_scores`);
+        4. old log-probs, reference log-probs and critic values of the response tokens; per-token rewards
+           ``-kl_coef * KL_t`` plus the terminal score on the last response token (`kl_penalized_rewards`);
+        5. GAE advantages and returns (`gae_advantages`, ``gamma``, ``lam``);
+        6. ``normalize_advantages``: whiten over every response token of the whole rollout batch; with
+           ``normalize_values`` values and returns are expressed in running-standardized units.
+        """
+        hp, tok = self.hparams, self.tokenizer
+        prompt_ids, prompt_mask, n = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0]
+        # 2. generate
+        start, chunk, gens = time.perf_counter(), hp.generation_batch_size or n, []
+        for i in range(0, n, chunk):
+            gens.append(self({"input_ids": prompt_ids[i:i + chunk], "attention_mask": prompt_mask[i:i + chunk]}))
+        width = max(g.response_ids.shape[1] for g in gens)
+        response_ids = torch.cat([nn.functional.pad(g.response_ids, (0, width - g.response_ids.shape[1]),
+                                                    value=tok.pad_token_id) for g in gens])
+        mask = torch.cat([nn.functional.pad(g.response_mask, (0, width - g.response_mask.shape[1])) for g in gens])
+        ended = torch.cat([g.ended_with_eos for g in gens])
+        gen_s = time.perf_counter() - start
+        # 3. score
+        start = time.perf_counter()
+        texts = tok.batch_decode([ids[:int(m.sum())] for ids, m in zip(response_ids, mask)], skip_special_tokens=True)
+        raw_scores = self.reward_fn(batch["prompts"], texts, batch.get("metadata")).to(self.device).float()
+        scores = raw_scores
+        if hp.normalize_rewards:
+            self.reward_moments.update(raw_scores)
+            scores = (raw_scores - self.reward_moments.mean) / max(self.reward_moments.std, 1e-8)
+        scores = terminal_scores(scores, ended, hp.missing_eos_penalty, hp.reward_clip)  # (B,)
+        score_s = time.perf_counter() - start
+        # 4. log-probs, reference log-probs, values, KL-penalized rewards
+        input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
+        attention_mask = torch.cat([prompt_mask, mask], dim=1)
+        P = prompt_ids.shape[1]
+        old_logprobs, entropy, ref_logprobs, values = self._evaluate(input_ids, attention_mask, P)
+        rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
+        # 5. GAE, on values in reward units
+        v_mean, v_std = self._value_scale()
+        advantages, returns = gae_advantages(rewards, values * v_std + v_mean, mask, hp.gamma, hp.lam)
+        # 6. normalization over the whole rollout batch
+        advantage_mean = masked_mean(advantages, mask)
+        if hp.normalize_advantages:
+            advantages = masked_whiten(advantages, mask)
+        if hp.normalize_values:
+            self.value_moments.update(returns[mask.bool()])
+            raw_values = values * v_std + v_mean
+            v_mean, v_std = self._value_scale()
+            values, returns = (raw_values - v_mean) / v_std * mask, (returns - v_mean) / v_std * mask
+        kl = kl_estimate(old_logprobs, ref_logprobs, hp.kl_estimator)
+        lengths = mask.sum(1).float()
+        for name, value in {"reward": raw_scores.mean(), "score": scores.mean(), "kl": (kl * mask).sum(1).mean(),
+                            "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
+                            "eos_rate": ended.float().mean(), "advantage_mean": advantage_mean}.items():
+            self.log(f"ppo/{name}", value, batch_size=n)
+        self.log("time/generate_s", gen_s, batch_size=1)
+        self.log("time/score_s", score_s, batch_size=1)
+        self.log("rollout/tokens_per_s", float(lengths.sum()) / max(gen_s, 1e-9), batch_size=1)
+        self.last_samples = list(zip(batch["prompts"], texts, raw_scores.tolist()))  # for SampleLogger
+        return Trajectory(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages,
+                          returns, scores)
+
+    def _evaluate(self, input_ids: Tensor, attention_mask: Tensor, P: int) -> tuple[Tensor, ...]:
+        """Old log-probs, entropies, reference log-probs and values, ``micro_batch_size`` rows at a time."""
+        chunk, outs = self.hparams.micro_batch_size or input_ids.shape[0], []
+        modes = [(m, m.training) for m in (self.policy, self.critic, self.reference) if m is not None]
+        for m, _ in modes:
+            m.eval()
+        for i in range(0, input_ids.shape[0], chunk):
+            ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
+            logprobs, entropy = response_logprobs(self.policy, ids, att, P, with_entropy=True)
+            if self.reference is not None:
+                ref_logprobs, _ = response_logprobs(self.reference, ids, att, P)
+            else:
+                with reference_context(self.policy, self.reference_adapter):
+                    ref_logprobs, _ = response_logprobs(self.policy, ids, att, P)
+            outs.append((logprobs, entropy, ref_logprobs, response_values(self.critic, ids, att, P)))
+        for m, mode in modes:
+            m.train(mode)
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+
+    def _value_scale(self) -> tuple[float, float]:
+        """(mean, std) that map the critic's output to reward units: running return moments, or (0, 1)."""
+        if not self.hparams.normalize_values or self.value_moments.count < 2:
+            return 0.0, 1.0
+        return self.value_moments.mean, max(self.value_moments.std, 1e-8)
+
+    def _update(self, mb: Trajectory, opts: list) -> tuple[float, ...]:
+        """One optimizer step of actor and critic on a minibatch, accumulated over micro-batches."""
+        hp, P = self.hparams, mb.prompt_length
+        tokens = mb.response_mask.sum().clamp(min=1)
+        for opt in opts:
+            opt.zero_grad()
+        sums = torch.zeros(5, device=self.device)
+        for i in range(0, mb.input_ids.shape[0], hp.micro_batch_size or mb.input_ids.shape[0]):
+            micro = mb.select(slice(i, i + (hp.micro_batch_size or mb.input_ids.shape[0])))
+            mask = micro.response_mask
+            weight = mask.sum() / tokens  # token-weighted: micro-batches add up to the minibatch's token mean
+            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P)
+            values = response_values(self.critic, micro.input_ids, micro.attention_mask, P)
+            policy_loss, approx_kl, clipfrac = self.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask)
+            value_loss, value_clipfrac = self.value_loss(values, micro.values, micro.returns, mask)
+            self.manual_backward((policy_loss + value_loss) * weight)  # disjoint parameters: one backward for both
+            sums += torch.stack([policy_loss, value_loss, approx_kl, clipfrac, value_clipfrac]).detach() * weight
+        for opt in opts:
+            if hp.max_grad_norm is not None:
+                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+            self._step(opt)
+        return tuple(sums.tolist())
+
+    def _step(self, opt: Any) -> None:
+        """Step through the strategy (precision, FSDP, DeepSpeed) like ``LightningOptimizer.step``, without counting
+        a trainer step: `training_step` counts one per PPO iteration."""
+        self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+
+    def rng(self) -> torch.Generator:
+        """The sampling and shuffling generator on this module's device (checkpointed for exact resume)."""
+        if self.generator is None or self.generator.device != self.device:
+            self.generator = torch.Generator(device=self.device)
+            if self._rng_state is not None:
+                self.generator.set_state(self._rng_state)
+            else:
+                seed = self.hparams.sampling_seed if self.hparams.sampling_seed is not None else torch.initial_seed()
+                self.generator.manual_seed(seed + (self.global_rank if self._trainer is not None else 0))
+        return self.generator
+
+    # --- checkpointing: generator, running moments (the rest is model, optimizer and loop state) -----------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ppo"] = {"rng": self.rng().get_state(), "reward_moments": self.reward_moments.state_dict(),
+                             "value_moments": self.value_moments.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("ppo", {})
+        self._rng_state, self.generator = state.get("rng"), None
+        self.reward_moments.load_state_dict(state.get("reward_moments", RunningMoments().state_dict()))
+        self.value_moments.load_state_dict(state.get("value_moments", RunningMoments().state_dict()))
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.reward_fn, "to"):
+            self.reward_fn.to(self.device)
+
+    # --- setup --------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
+        if not is_peft(self.policy):
+            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
+        self.critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
+        check_critic_tokenizer(self.critic_spec, self.critic, self.tokenizer)
+        if hp.disable_dropout:
+            for m in self.modules():
+                if isinstance(m, nn.Dropout):
+                    m.p = 0.0
+
+    def configure_optimizers(self) -> list[dict[str, Any]]:
+        optimizer, critic_optimizer, scheduler, critic_scheduler = self.factories
+        return [build_optimization(self, self.policy.parameters(), optimizer, scheduler),
+                build_optimization(self, self.critic.parameters(), critic_optimizer, critic_scheduler)]
+
+    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
+        """Write the policy as a Hugging Face folder (weights, config, tokenizer); under sharding call on every
+        rank, ``is_writer`` marks the rank that writes."""
+        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+
+
+def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Refuse a critic that cannot read the policy's token ids (its folder's tokenizer or its vocabulary differ)."""
+    if tokenizer is None:
+        return
+    rows = critic.get_input_embeddings().num_embeddings
+    path = spec.name_or_path
+    has_tok = path and os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    same = rows >= len(tokenizer)
+    if same and has_tok:
+        from datamodules.tokenizer import load_tokenizer
+
+        same = load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    if not same:
+        raise ValueError(
+            f"critic '{path or 'config'}' ({rows} embedding rows) uses a different tokenizer than the policy "
+            f"({len(tokenizer)} tokens): the critic reads the policy's token ids. Initialize the critic from a reward "
+            "model trained with the policy's tokenizer (or from the policy); the reward itself may use any tokenizer "
+            "through modules.rewards.SequenceClassifierReward.")
+

@@ -1,0 +1,82 @@
+"""Typed containers passed between the PPO rollout, the reward and the update: shapes documented per field."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, NamedTuple, TypedDict
+
+import torch
+from torch import Tensor
+
+
+class PromptBatch(TypedDict):
+    """A left-padded batch of prompts from `datamodules.prompts.PromptDataModule`.
+
+    ``input_ids`` and ``attention_mask`` are ``(B, P)``; ``prompts`` holds the rendered prompt texts and
+    ``metadata`` one record per row (the source row's other fields, handed to the reward).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompts: list[str]
+    metadata: list[dict[str, Any]]
+
+
+class Generation(NamedTuple):
+    """Sampled responses to a left-padded prompt batch.
+
+    Fields:
+        response_ids: ``(B, R)`` sampled tokens, right-padded with the pad id after EOS.
+        response_mask: ``(B, R)`` 1 on generated tokens up to and including EOS, 0 after.
+        ended_with_eos: ``(B,)`` bool, True where the response stopped with EOS (not truncated).
+    """
+
+    response_ids: Tensor
+    response_mask: Tensor
+    ended_with_eos: Tensor
+
+
+class Trajectory(NamedTuple):
+    """One PPO rollout: everything the update epochs need, detached. ``P`` prompt columns, ``R`` response columns.
+
+    Fields:
+        input_ids: ``(B, P + R)`` left-padded prompt followed by the right-padded response.
+        attention_mask: ``(B, P + R)``.
+        response_mask: ``(B, R)`` 1 on response tokens (EOS included), 0 on padding.
+        old_logprobs: ``(B, R)`` log-probs of the sampled tokens under the sampling policy.
+        ref_logprobs: ``(B, R)`` the same under the reference.
+        values: ``(B, R)`` critic values before each response token (in the critic's units, see
+            ``normalize_values``).
+        rewards: ``(B, R)`` per-token rewards: KL penalty plus the terminal score on the last token.
+        advantages: ``(B, R)`` GAE advantages (whitened over the whole rollout when ``normalize_advantages``).
+        returns: ``(B, R)`` value targets in the critic's units.
+        scores: ``(B,)`` terminal scores as placed on the last token (clipped, penalized, normalized).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    rewards: Tensor
+    advantages: Tensor
+    returns: Tensor
+    scores: Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        """``P``: the number of prompt columns (every response starts at this column)."""
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def select(self, index: Tensor) -> Trajectory:
+        """The rows ``index`` of every field (a minibatch)."""
+        return Trajectory(*(field[index] for field in self))
+
+    def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Trajectory]:
+        """Shuffled minibatches of ``size`` rows (the last one smaller if ``size`` does not divide the batch)."""
+        n = self.input_ids.shape[0]
+        device = generator.device if generator is not None else self.input_ids.device
+        order = torch.randperm(n, generator=generator, device=device).to(self.input_ids.device)
+        for start in range(0, n, size):
+            yield self.select(order[start:start + size])

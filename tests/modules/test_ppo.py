@@ -1,0 +1,247 @@
+"""PPOModule: the terminal score and the truncation penalty inside the rollout, whole-batch advantage whitening,
+the training contract, learning on the tiny config, re-tokenizing reward models, and exact resume after SIGKILL."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from datamodules.prompts import PromptDataModule
+from modules.models import ModelSpec
+from modules.ppo import PPOModule
+from modules.rewards import CharacterFractionReward, SequenceClassifierReward
+from modules.rl_utils import masked_mean, masked_var
+from modules.types import Generation
+from recipes.__main__ import cli_main
+from tests.conftest import REPO, TINY_LLAMA, quiet_trainer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these models are tiny, and two spinning threads collapse on a shared, loaded CPU."""
+    torch.set_num_threads(1)
+
+
+class FixedReward:
+    """Returns the given scores and records what it was called with."""
+
+    def __init__(self, scores):
+        self.scores, self.calls = torch.tensor(scores), []
+
+    def __call__(self, prompts, responses, metadata=None):
+        self.calls.append((list(prompts), list(responses), metadata))
+        return self.scores[: len(responses)]
+
+
+def make_module(tokenizer, reward=None, **kwargs):
+    module = PPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), critic=ModelSpec(config=dict(TINY_LLAMA)),
+                       reward=reward or CharacterFractionReward(), tokenizer=tokenizer, **kwargs)
+    module.configure_model()
+    return module
+
+
+def prompt_batch(tokenizer, texts):
+    enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "prompts": texts,
+            "metadata": [{} for _ in texts]}
+
+
+def test_score_lands_on_eos_and_penalty_on_truncated_response(byte_tokenizer):
+    """Row 0 ends with EOS at index 2, row 1 is cut at 4 tokens. kl_coef 0, so the per-token rewards are the
+    terminal scores alone: row 0 gets its score 30 clipped to 20 on the EOS token; row 1 gets the penalty -1 on its
+    last token instead of its score 5."""
+    tok, eos, pad = byte_tokenizer, byte_tokenizer.eos_token_id, byte_tokenizer.pad_token_id
+    reward = FixedReward([30.0, 5.0])
+    module = make_module(tok, reward, kl_coef=0.0, reward_clip=20.0, missing_eos_penalty=-1.0, max_new_tokens=4)
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    module.forward = lambda batch: Generation(torch.tensor([[a, b, eos, pad], [b, b, b, b]]),
+                                              torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([True, False]))
+    traj = module.rollout(prompt_batch(tok, ["q1", "question 2"]))
+    torch.testing.assert_close(traj.rewards, torch.tensor([[0.0, 0.0, 20.0, 0.0], [0.0, 0.0, 0.0, -1.0]]))
+    torch.testing.assert_close(traj.scores, torch.tensor([20.0, -1.0]))
+    assert reward.calls[0][1] == ["ab", "bbbb"]  # decoded without the stop token
+    assert traj.input_ids.shape == (2, 10 + 4) and traj.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    # with the KL penalty the EOS token's reward is its score minus kl_coef * KL there
+    module.hparams.kl_coef = 0.1
+    traj = module.rollout(prompt_batch(tok, ["q1", "question 2"]))
+    kl = traj.old_logprobs - traj.ref_logprobs
+    torch.testing.assert_close(traj.rewards[0, 2], 20.0 - 0.1 * kl[0, 2])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalize_advantages_whitens_the_whole_rollout_batch(byte_tokenizer, normalize):
+    module = make_module(byte_tokenizer, normalize_advantages=normalize, max_new_tokens=6)
+    traj = module.rollout(prompt_batch(byte_tokenizer, [f"prompt {i}" * (i % 3 + 1) for i in range(8)]))
+    mask = traj.response_mask
+    mean, var = masked_mean(traj.advantages, mask), masked_var(traj.advantages, mask)
+    if normalize:
+        assert abs(float(mean)) < 1e-5 and abs(float(var) - 1.0) < 1e-4
+    else:
+        assert abs(float(var) - 1.0) > 1e-2
+    assert (traj.advantages * (1 - mask)).abs().sum() == 0
+
+
+def test_fit_two_iterations_counts_iterations_and_changes_both_models(byte_tokenizer):
+    module = make_module(byte_tokenizer, max_new_tokens=6, ppo_epochs=2, mini_batch_size=4, micro_batch_size=2,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+                         critic_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    dm = PromptDataModule(rollout_batch_size=8, max_length=64)
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, dm)
+    assert trainer.global_step == 2  # iterations, not the 2 x 2 x 2 inner optimizer steps
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("policy.") for n in changed) and any(n.startswith("critic.") for n in changed)
+    assert not any(n.startswith("reference.") for n in changed)
+    for key in ("ppo/reward", "ppo/kl", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/eos_rate",
+                "ppo/value_loss", "ppo/policy_loss", "ppo/response_length", "time/rollout_s", "rollout/tokens_per_s"):
+        assert key in trainer.callback_metrics, key
+
+
+def test_micro_batches_accumulate_to_the_minibatch(byte_tokenizer):
+    """micro_batch_size 1 x 4 accumulated equals one micro-batch of 4 (token-weighted), after one iteration."""
+    params = []
+    for micro in (None, 1):
+        torch.manual_seed(0)
+        module = make_module(byte_tokenizer, max_new_tokens=5, ppo_epochs=1, micro_batch_size=micro,
+                             sampling_seed=3, optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+                             critic_optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        quiet_trainer(max_steps=1).fit(module, PromptDataModule(rollout_batch_size=4, max_length=64))
+        params.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-6)
+
+
+def _tiny_ppo_rewards(tmp_path, steps):
+    cli = cli_main(["fit", "--config", "yaml/tiny/ppo.yaml", "--trainer.max_steps", str(steps),
+                    "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
+                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    rows = list(csv.DictReader(open(os.path.join(cli.trainer.log_dir, "metrics.csv"))))
+    return [float(r["ppo/reward"]) for r in rows], [float(r["ppo/kl"]) for r in rows]
+
+
+def test_tiny_ppo_reward_rises_fast(tmp_path):
+    """Shortened tiny run (seed 0, CPU): the mean reward of the last 3 of 10 iterations beats the first 3 by 0.5."""
+    rewards, kls = _tiny_ppo_rewards(tmp_path, 10)
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.5, rewards
+    assert max(kls) < 10.0
+
+
+@pytest.mark.slow
+def test_tiny_ppo_reward_rises(tmp_path):
+    """The full tiny config (40 iterations): reward (10 x the fraction of lowercase/space characters) from about
+    0.9 to above 4, with the summed per-sequence KL staying below 10 nats."""
+    rewards, kls = _tiny_ppo_rewards(tmp_path, 40)
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards
+    assert max(kls) < 10.0
+
+
+def _save_reward_model(path, tokenizer, hidden=32):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.for_model(**{**TINY_LLAMA, "hidden_size": hidden}, vocab_size=len(tokenizer), num_labels=1,
+                               pad_token_id=tokenizer.pad_token_id)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reward_model_with_another_tokenizer_is_retokenized(byte_tokenizer, tmp_path):
+    from datamodules.tokenizer import build_byte_tokenizer
+    from modules.scalar_models import sequence_scores
+
+    rm_tok = build_byte_tokenizer()
+    rm_tok.add_tokens(["hello"])  # "hello" is one token for the reward model, five for the policy
+    path = _save_reward_model(tmp_path / "rm", rm_tok)
+    reward = SequenceClassifierReward(path)
+    scores = reward(["say hello", "x"], [" world", " hello"])
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    for i, text in enumerate(["say hello world", "x hello"]):
+        ids = reward.tokenizer(text)["input_ids"] + [rm_tok.eos_token_id]
+        assert ids != byte_tokenizer(text)["input_ids"] + [byte_tokenizer.eos_token_id]
+        expected = sequence_scores(rm, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))
+        torch.testing.assert_close(scores[i], expected[0])
+    # the critic reads policy token ids, so a critic from that folder is refused with a clear error
+    with pytest.raises(ValueError, match="different tokenizer than the policy"):
+        PPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), critic=ModelSpec(name_or_path=path),
+                  reward=reward, tokenizer=byte_tokenizer).configure_model()
+
+
+def test_reward_model_folder_without_tokenizer_is_a_clear_error(byte_tokenizer, tmp_path):
+    path = _save_reward_model(tmp_path / "rm", byte_tokenizer)
+    for f in os.listdir(path):
+        if "token" in f:
+            os.remove(os.path.join(path, f))
+    with pytest.raises(FileNotFoundError, match="no tokenizer could be loaded"):
+        SequenceClassifierReward(path)(["a"], ["b"])
+
+
+# --- exact resume after SIGKILL -------------------------------------------------------------------------------------
+RESUME_OVERRIDES = """
+trainer:
+  max_steps: 8
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 1, save_top_k: -1, dirpath: {root}/ckpt}}
+  default_root_dir: {root}
+  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {root}, name: ""}}}}
+model:
+  init_args: {{max_new_tokens: 8, ppo_epochs: 2, mini_batch_size: 8, normalize_rewards: true, normalize_values: true}}
+data:
+  init_args: {{rollout_batch_size: 16}}
+"""
+
+
+def _launch(tmp_path, name, *extra):
+    root = tmp_path / name
+    root.mkdir()
+    (root / "override.yaml").write_text(RESUME_OVERRIDES.format(root=root))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "recipes", "fit", "--config", "yaml/tiny/ppo.yaml", "--config",
+           str(root / "override.yaml"), *extra]
+    return root, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _ckpts(root):
+    files = list((root / "ckpt").glob("*.ckpt")) if (root / "ckpt").exists() else []
+    return sorted(files, key=lambda p: int(p.stem.split("step=")[1].split("-")[0]))
+
+
+def _metrics(root):
+    rows = list(csv.DictReader(open(next(root.rglob("metrics.csv")))))
+    return {int(r["step"]): {k: float(v) for k, v in r.items() if k.startswith("ppo/") and v} for r in rows}
+
+
+@pytest.mark.slow  # three CLI processes: about 40 s on an idle 2-core machine, minutes under load
+def test_killed_run_resumes_exactly(tmp_path):
+    full_root, full = _launch(tmp_path, "full")
+    killed_root, killed = _launch(tmp_path, "killed")
+    deadline = time.time() + 300
+    while len(_ckpts(killed_root)) < 3 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    resume_from = _ckpts(killed_root)[-2]  # the newest may be half-written; the one before it is complete
+    step = int(resume_from.stem.split("step=")[1])
+    assert step < 8, "the run finished before it could be killed"
+    resumed_root, resumed = _launch(tmp_path, "resumed", "--ckpt_path", str(resume_from))
+    for proc in (full, resumed):
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err.decode()[-3000:]
+    final_full = torch.load(_ckpts(full_root)[-1], weights_only=False)
+    final_resumed = torch.load(_ckpts(resumed_root)[-1], weights_only=False)
+    assert final_full["global_step"] == final_resumed["global_step"] == 8
+    for key, value in final_full["state_dict"].items():
+        torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert final_full["ppo"]["reward_moments"] == final_resumed["ppo"]["reward_moments"]
+    full_metrics, resumed_metrics = _metrics(full_root), _metrics(resumed_root)
+    assert sorted(resumed_metrics) == list(range(step, 8))
+    for s in resumed_metrics:
+        assert resumed_metrics[s] == pytest.approx(full_metrics[s], rel=0, abs=0), s
