@@ -1,0 +1,277 @@
+"""RankingDataModule: k >= 2 scored responses per prompt (RRHF, PRO), batched as ``(B, k, T)``.
+
+Sources: generic ``{prompt, responses, scores}`` rows, raw HH-RLHF pairs and ``{prompt, chosen, rejected}`` rows (as
+k = 2 with scores 1 and 0), and ``builtin:ranking``, a small learnable set written on demand. Responses are sorted by
+score (descending, ties in file order); drops, ties and truncations are counted and logged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, TypedDict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.builtin import BUILTIN_PREFIX, cache_dir, resolve_builtin
+from datamodules.collate import truncate_pair
+from datamodules.formats import PromptFormat, format_prompt
+from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from datamodules.preference_sources import PromptMismatchError, generic_pair, hh_pair
+from datamodules.resumable import ResumableLoaderMixin
+from datamodules.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+RankingFormat = Literal["ranking", "hh", "pairs"]
+BUILTIN_RANKING = "builtin:ranking"
+
+
+class RankingText(NamedTuple):
+    prompt: str
+    responses: list[str]
+    scores: list[float]
+
+
+class RankingExample(TypedDict):
+    prompt_ids: list[int]
+    response_ids: list[list[int]]  # sorted by score, descending
+    scores: list[float]
+
+
+def builtin_ranking_rows(n: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` rows of k = 3: "Write <word> in capital|small letters." answered in the asked case, in a mix of cases,
+    and in the other case; the score is the fraction of letters in the asked case (1, between, 0), so the order
+    depends on the prompt and is learnable letter by letter."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 6)))
+        upper = rng.random() < 0.5
+        flipped = set(rng.sample(range(len(word)), rng.randint(1, len(word) - 1)))
+        asked = word.upper() if upper else word
+        mixed = "".join(c.swapcase() if i in flipped else c for i, c in enumerate(asked))
+        responses = [asked, mixed, asked.swapcase()]
+        scores = [1.0, round(1 - len(flipped) / len(word), 4), 0.0]
+        order = rng.sample(range(3), 3)  # stored unsorted: the data module sorts
+        rows.append({"prompt": f"Write {word} in {'capital' if upper else 'small'} letters.\n",
+                     "responses": [responses[i] for i in order], "scores": [scores[i] for i in order]})
+    return rows
+
+
+def _resolve(source: str) -> str:
+    if source != BUILTIN_RANKING:
+        return resolve_builtin(source) if source.startswith(BUILTIN_PREFIX) else source
+    path = cache_dir() / "ranking.jsonl"
+    if not path.exists():
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in builtin_ranking_rows()), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    return str(path)
+
+
+def ranking_row(record: Mapping[str, Any], source: str, row: int, prompt_format: PromptFormat = "plain",
+                tokenizer=None) -> RankingText:
+    """Generic ``{prompt, responses: [str], scores: [float]}`` row -> texts, or a `DataFormatError` naming the field."""
+    prompt = require_text(record, "prompt", source, row)
+    for field in ("responses", "scores"):
+        value = record.get(field)
+        if not isinstance(value, list):
+            problem = "missing" if value is None else f"expected a list, got {type(value).__name__}"
+            raise DataFormatError(source, row, field, problem, "ranking rows need prompt, responses (a list of "
+                                  "texts) and scores (a list of numbers, one per response)")
+    responses, scores = record["responses"], record["scores"]
+    if len(responses) != len(scores):
+        raise DataFormatError(source, row, "scores", f"has {len(scores)} entries for {len(responses)} responses",
+                              "give exactly one score per response")
+    for i, (text, score) in enumerate(zip(responses, scores)):
+        if not isinstance(text, str):
+            raise DataFormatError(source, row, f"responses[{i}]", f"expected text, got {type(text).__name__}")
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or math.isnan(score):
+            raise DataFormatError(source, row, f"scores[{i}]", f"expected a number, got {score!r}")
+    return RankingText(format_prompt(prompt, prompt_format, tokenizer), list(responses), [float(s) for s in scores])
+
+
+def to_ranking(record: Mapping[str, Any], source_format: RankingFormat, prompt_format: PromptFormat, source: str,
+               row: int, tokenizer=None) -> RankingText:
+    """Dispatch one raw record; pairs become k = 2 with the chosen response scored 1 and the rejected one 0."""
+    if source_format == "ranking":
+        return ranking_row(record, source, row, prompt_format, tokenizer)
+    if source_format in ("hh", "pairs"):
+        pair = hh_pair(record, source, row) if source_format == "hh" else \
+            generic_pair(record, source, row, prompt_format, tokenizer)
+        return RankingText(pair.prompt, [pair.chosen, pair.rejected], [1.0, 0.0])
+    raise ValueError(f"Unknown ranking source_format {source_format!r}; choose ranking, hh or pairs.")
+
+
+def sort_and_dedupe(text: RankingText, counter: DropCounter) -> RankingText | None:
+    """Sort by score (descending, stable), keep the best-scored copy of repeated responses; None (counted) when
+    fewer than 2 distinct responses or fewer than 2 distinct scores remain."""
+    order = sorted(range(len(text.scores)), key=lambda i: -text.scores[i])  # sorted() is stable
+    seen, responses, scores = set(), [], []
+    for i in order:
+        if text.responses[i] in seen:
+            counter.add("had a repeated response (the lower-scored copy was removed)")
+            continue
+        seen.add(text.responses[i])
+        responses.append(text.responses[i])
+        scores.append(text.scores[i])
+    if len(responses) < 2 or len(set(scores)) < 2:
+        counter.add("dropped: fewer than 2 distinct responses with different scores")
+        return None
+    counter.add("had tied scores (kept in file order)", int(len(set(scores)) < len(scores)))
+    return RankingText(text.prompt, responses, scores)
+
+
+def collate_ranking(examples: Sequence[RankingExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad every (prompt + response) to one width and every row to the batch's largest k.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(B, k, T)``; ``scores``: ``(B, k)``;
+    ``response_mask``: ``(B, k)``, 1 on real responses and 0 on padding slots (all-zero sequences, score 0).
+    """
+    k = max(len(e["response_ids"]) for e in examples)
+    width = max(len(e["prompt_ids"]) + len(r) for e in examples for r in e["response_ids"])
+    input_ids = torch.full((len(examples), k, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), k, width), dtype=torch.long)
+    completion_mask = torch.zeros_like(attention_mask)
+    scores = torch.zeros((len(examples), k), dtype=torch.float32)
+    response_mask = torch.zeros((len(examples), k), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        p = len(e["prompt_ids"])
+        for j, (r_ids, score) in enumerate(zip(e["response_ids"], e["scores"])):
+            n = p + len(r_ids)
+            input_ids[b, j, :n] = torch.tensor(e["prompt_ids"] + r_ids, dtype=torch.long)
+            attention_mask[b, j, :n] = 1
+            completion_mask[b, j, p:n] = 1
+            scores[b, j], response_mask[b, j] = score, True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "scores": scores, "response_mask": response_mask}
+
+
+class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
+    """Ranked responses per prompt for RRHF and PRO.
+
+    Args:
+        tokenizer: tokenizer id or path (`datamodules.tokenizer.load_tokenizer`); linked into the model by the CLI.
+        data: local JSON/JSONL(.gz)/Parquet file, hub id, or ``builtin:ranking``.
+        source_format: ``ranking`` (``prompt``, ``responses``, ``scores``), ``hh`` (raw HH-RLHF ``chosen``/``rejected``
+            dialogues, split at the last ``\\n\\nAssistant:``) or ``pairs`` (``prompt``, ``chosen``, ``rejected``).
+        prompt_format: how ``ranking``/``pairs`` prompts are rendered; HH rows keep their dialogue format.
+        split, val_split: dataset splits read from ``data`` and ``val_data``.
+        val_data: a separate validation source; without it ``val_fraction`` of the rows are held out (seeded).
+        max_length: tokens per sequence (prompt + one response + EOS).
+        max_prompt_length: a too-long row keeps at most this many prompt tokens, cut from the left (default: half).
+        batch_size: prompts per micro-batch (the forward sees up to ``k * batch_size`` sequences).
+        max_rows: read only the first ``max_rows`` rows (logged).
+        drop_empty: drop rows with an empty text field, counted; by default an error naming the row.
+        drop_prompt_mismatch: drop HH pairs whose two dialogues differ before the last assistant turn, counted.
+    """
+
+    def __init__(self, tokenizer: str = "builtin:byte", data: str = BUILTIN_RANKING,
+                 source_format: RankingFormat = "ranking", prompt_format: PromptFormat = "plain",
+                 split: str = "train", val_data: str | None = None, val_split: str = "train",
+                 val_fraction: float = 0.05, max_length: int = 512, max_prompt_length: int | None = None,
+                 batch_size: int = 8, num_workers: int = 0, max_rows: int | None = None, drop_empty: bool = False,
+                 drop_prompt_mismatch: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if not 0 < self.max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
+        self.train_set: list[RankingExample] = []
+        self.val_set: list[RankingExample] = []
+        self.counts: dict[str, int] = {}
+
+    def read(self, source: str, split: str = "train") -> list[RankingText]:
+        """Parse, sort and dedupe every record of ``source``; drops and ties are counted and logged."""
+        hp = self.hparams
+        path = _resolve(source)
+        records = load_records(path, split=split)
+        if hp.max_rows is not None and len(records) > hp.max_rows:
+            log.info("%s: using the first %d of %d rows (max_rows)", path, hp.max_rows, len(records))
+            records = records[: hp.max_rows]
+        counter, out = DropCounter(path), []
+        for i, record in enumerate(records):
+            try:
+                text = to_ranking(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer)
+            except EmptyFieldError as e:
+                if not hp.drop_empty:
+                    raise
+                counter.add(f"dropped: empty '{e.field}'")
+                continue
+            except PromptMismatchError:
+                if not hp.drop_prompt_mismatch:
+                    raise
+                counter.add("dropped: chosen and rejected prompts differ")
+                continue
+            if (text := sort_and_dedupe(text, counter)) is not None:
+                out.append(text)
+        counter.report(len(records))
+        self.counts.update(counter.items())
+        if not out:
+            raise DataFormatError(path, None, None, "has no usable rows (see the counts logged)",
+                                  "each row needs at least 2 different responses with different scores")
+        return out
+
+    def tokenize(self, texts: Sequence[RankingText], source: str) -> list[RankingExample]:
+        """Tokenize; the prompt is cut from the left to fit the longest response, responses from the right."""
+        tok, counter, out = self.tokenizer, DropCounter(source), []
+        prompts = tok([t.prompt for t in texts], add_special_tokens=True)["input_ids"]
+        for p_ids, text in zip(prompts, texts):
+            r_ids = [ids + [tok.eos_token_id] for ids in tok(text.responses, add_special_tokens=False)["input_ids"]]
+            p_ids, _, p_cut, _ = truncate_pair(p_ids, max(r_ids, key=len), self.max_length, self.max_prompt_length)
+            room = self.max_length - len(p_ids)
+            counter.add("had the prompt truncated from the left", int(p_cut))
+            counter.add("had a response truncated from the right (no EOS learned)",
+                        int(any(len(r) > room for r in r_ids)))
+            kept, scores = [], []
+            for r, score in zip(r_ids, text.scores):  # already sorted: the best-scored copy is kept
+                if r[:room] not in kept:
+                    kept.append(r[:room])
+                    scores.append(score)
+            counter.add("lost a response identical to another after truncation", int(len(kept) < len(r_ids)))
+            if len(kept) < 2 or len(set(scores)) < 2:
+                counter.add("dropped: fewer than 2 distinct responses with different scores after truncation")
+                continue
+            out.append(RankingExample(prompt_ids=p_ids, response_ids=kept, scores=scores))
+        counter.report(len(texts))
+        self.counts.update(counter.items())
+        return out
+
+    def setup(self, stage: str) -> None:
+        if self.train_set or self.val_set:
+            return
+        hp = self.hparams
+        examples = self.tokenize(self.read(hp.data, hp.split), _resolve(hp.data))
+        if hp.val_data is not None:
+            self.train_set = examples
+            self.val_set = self.tokenize(self.read(hp.val_data, hp.val_split), _resolve(hp.val_data))
+        else:
+            order = list(range(len(examples)))
+            random.Random(hp.seed).shuffle(order)
+            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
+            self.val_set = [examples[i] for i in sorted(order[:n_val])]
+            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+        log.info("Ranking data: %d train / %d validation prompts", len(self.train_set), len(self.val_set))
+
+    def collate(self, examples: Sequence[RankingExample]) -> dict[str, torch.Tensor]:
+        return collate_ranking(examples, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.resumable_loader(self.train_set, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""
+        return self.val_dataloader()
