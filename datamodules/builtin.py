@@ -1,7 +1,9 @@
 """Built-in data written to disk on demand, so tiny configs run offline through the same loaders as real data.
 
 ``builtin:sft`` is an Alpaca-format instruction set of four string tasks a tiny character-level model can learn
-in a minute on a CPU (reverse, sort, uppercase, repeat).
+in a minute on a CPU (reverse, sort, uppercase, repeat). ``builtin:preference`` is a pair set with one rule a tiny
+random model can pick up from preferences alone: the chosen response writes the word in the case the prompt asks for,
+the rejected one in the other case.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def builtin_sft_rows(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
+def builtin_preference_rows(n: int = 2000, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` generic rows (prompt, chosen, rejected): "Write <word> in capital|small letters." -> the word in the
+    asked case (chosen) or the other case (rejected). Telling them apart needs the prompt, not just the response."""
+    rng = random.Random(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rows = []
+    for _ in range(n):
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
+        upper = rng.random() < 0.5
+        asked, other = (word.upper(), word) if upper else (word, word.upper())
+        prompt = f"Write {word} in {'capital' if upper else 'small'} letters.\n"
+        rows.append({"prompt": prompt, "chosen": asked, "rejected": other})
+    return rows
+
+
 def cache_dir() -> Path:
     root = os.environ.get("RLHF_RECIPES_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlhf-recipes"))
     path = Path(root)
@@ -46,7 +63,7 @@ def resolve_builtin(source: str) -> str:
     if not source.startswith(BUILTIN_PREFIX):
         return source
     name = source[len(BUILTIN_PREFIX):]
-    writers = {"sft": builtin_sft_rows}
+    writers = {"sft": builtin_sft_rows, "preference": builtin_preference_rows}
     if name not in writers:
         raise ValueError(f"Unknown built-in data set {source!r}; available: "
                          + ", ".join(BUILTIN_PREFIX + k for k in writers))

@@ -19,12 +19,13 @@ from datamodules.builtin import resolve_builtin
 from datamodules.collate import TokenizedExample, pad_prompt_response, truncate_pair
 from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from datamodules.preference_sources import saferlhf_safe_responses
 from datamodules.sampler import ResumableSampler
 from datamodules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-SourceFormat = Literal["alpaca", "hh_chosen", "prompt_response"]
+SourceFormat = Literal["alpaca", "hh_chosen", "prompt_response", "saferlhf_safe"]
 
 
 def to_prompt_response(record: dict[str, Any], source_format: SourceFormat, prompt_format: PromptFormat,
@@ -63,7 +64,8 @@ class SFTDataModule(L.LightningDataModule):
             CLI can link it into the model.
         data: local file, hub id, or ``builtin:sft``.
         source_format: ``alpaca`` (instruction/input/output), ``hh_chosen`` (the chosen dialogue of an HH-RLHF
-            pair) or ``prompt_response``.
+            pair), ``prompt_response``, or ``saferlhf_safe`` (PKU-SafeRLHF rows: one example per response marked
+            safe, the paper's SFT-on-safe step; rows with no safe response are dropped and counted).
         prompt_format: how prompts are rendered (``alpaca``, ``hh``, ``chat``, ``plain``); HH rows keep their own.
         val_data: a separate validation file; without it ``val_fraction`` of the rows are held out (seeded).
         max_length: tokens per example; longer rows are truncated (prompt from the left, then response from the
@@ -115,6 +117,11 @@ class SFTDataModule(L.LightningDataModule):
         pairs, dropped = [], DropCounter(path)
         for i, record in enumerate(records):
             try:
+                if hp.source_format == "saferlhf_safe":
+                    safe = saferlhf_safe_responses(record, path, i, hp.prompt_format, self.tokenizer)
+                    dropped.add("dropped: no response marked safe", int(not safe))
+                    pairs.extend(safe)
+                    continue
                 pairs.append(to_prompt_response(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer))
             except EmptyFieldError as e:
                 if not hp.drop_empty:

@@ -1,0 +1,253 @@
+"""PreferenceDataModule: (prompt, chosen, rejected) pairs from HH-RLHF, PKU-SafeRLHF or generic JSONL/Parquet files.
+
+One code path for every source: a format adapter (`datamodules.preference_sources`) turns each record into texts,
+which are tokenized once, truncated to the budget with counts, and batched as one concatenated ``(2B, T)`` batch
+(chosen rows first, then rejected) for a single forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from array import array
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, TypedDict
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.builtin import resolve_builtin
+from datamodules.collate import pad_prompt_response, truncate_pair
+from datamodules.formats import PromptFormat, format_prompt
+from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from datamodules.preference_sources import (
+    PreferenceFormat,
+    PreferenceText,
+    PromptMismatchError,
+    read_margin,
+    to_preference,
+)
+from datamodules.resumable import ResumableLoaderMixin
+from datamodules.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceExample(TypedDict, total=False):
+    """A tokenized pair. ``index`` is the position in its split (keys precomputed reference log-probs)."""
+
+    index: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float
+
+
+def collate_preference(examples: Sequence[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad chosen and rejected sequences into one batch, chosen rows first.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on response tokens): ``(2B, T)``;
+    ``index``: ``(B,)``; ``margin``: ``(B,)`` when the examples carry one.
+    """
+    rows = [{"prompt_ids": e["prompt_ids"], "response_ids": e["chosen_ids"]} for e in examples]
+    rows += [{"prompt_ids": e["prompt_ids"], "response_ids": e["rejected_ids"]} for e in examples]
+    batch: dict[str, torch.Tensor] = dict(pad_prompt_response(rows, pad_token_id))
+    batch["index"] = torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long)
+    if examples and "margin" in examples[0]:
+        batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+    return batch
+
+
+def fingerprint(examples: Sequence[PreferenceExample]) -> str:
+    """A short hash of the tokenized pairs (keys the on-disk cache of reference log-probs)."""
+    h = hashlib.sha256()
+    for e in examples:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(array("q", e[key]).tobytes() + b"|")
+    return h.hexdigest()[:16]
+
+
+class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
+    """Pairwise preference data for DPO and reward models.
+
+    Args:
+        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`), loaded at construction so the
+            CLI can link it into the model.
+        data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``.
+        source_format: ``hh`` (raw HH-RLHF ``chosen``/``rejected`` dialogues), ``saferlhf`` (PKU-SafeRLHF, paper's
+            rule) or ``generic`` (``prompt``/``chosen``/``rejected``); see `datamodules.preference_sources`.
+        prompt_format: how ``saferlhf``/``generic`` prompts are rendered (``plain``, ``hh``, ``alpaca``, ``chat``).
+        split, val_split: dataset splits read from ``data`` and ``val_data`` (hub ids have train/test).
+        val_data: a separate validation source; without it ``val_fraction`` of the pairs are held out (seeded).
+        predict_data: a file of ``{prompt, response}`` rows for ``predict`` (reward-model scoring).
+        max_length: tokens per sequence (prompt + one response + EOS).
+        max_prompt_length: a too-long pair keeps at most this many prompt tokens (default: half of max_length).
+        batch_size: pairs per micro-batch per process (the forward sees ``2 * batch_size`` sequences).
+        max_rows: read only the first ``max_rows`` rows (logged), for smoke runs.
+        drop_empty: drop pairs with an empty response and log the count (real HH-RLHF has some); by default an error.
+        drop_prompt_mismatch: drop HH pairs whose two dialogues differ before the last assistant turn, with a count;
+            by default an error naming the row.
+        margin_field: a numeric column holding a per-pair reward margin, passed to the reward loss.
+
+    Identical chosen and rejected responses (as text, or after truncation) carry no preference: they are always
+    dropped and counted.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str = "builtin:byte",
+        data: str = "builtin:preference",
+        source_format: PreferenceFormat = "generic",
+        prompt_format: PromptFormat = "plain",
+        split: str = "train",
+        val_data: str | None = None,
+        val_split: str = "train",
+        val_fraction: float = 0.05,
+        predict_data: str | None = None,
+        max_length: int = 512,
+        max_prompt_length: int | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        max_rows: int | None = None,
+        drop_empty: bool = False,
+        drop_prompt_mismatch: bool = False,
+        margin_field: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        if not 0 < self.max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
+        self.train_set: list[PreferenceExample] = []
+        self.val_set: list[PreferenceExample] = []
+        self.predict_set: list[dict[str, list[int]]] = []
+
+    # --- reading ----------------------------------------------------------------------------------------------
+    def _records(self, source: str, split: str) -> tuple[str, list[dict[str, Any]]]:
+        path = resolve_builtin(source)
+        records = load_records(path, split=split)
+        limit = self.hparams.max_rows
+        if limit is not None and len(records) > limit:
+            log.info("%s: using the first %d of %d rows (max_rows)", path, limit, len(records))
+            records = records[:limit]
+        if not records:
+            raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
+        return path, records
+
+    def read_pairs(self, source: str, split: str = "train") -> tuple[list[PreferenceText], list[float | None]]:
+        """Parse every record of ``source`` into text pairs (and margins), dropping with counts where configured."""
+        hp = self.hparams
+        path, records = self._records(source, split)
+        pairs, margins, dropped = [], [], DropCounter(path)
+        for i, record in enumerate(records):
+            try:
+                pair = to_preference(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer)
+            except EmptyFieldError as e:
+                if not hp.drop_empty:
+                    raise
+                dropped.add(f"dropped: empty '{e.field}'")
+                continue
+            except PromptMismatchError:
+                if not hp.drop_prompt_mismatch:
+                    raise
+                dropped.add("dropped: chosen and rejected prompts differ")
+                continue
+            if pair.chosen == pair.rejected:
+                dropped.add("dropped: identical chosen and rejected")
+                continue
+            pairs.append(pair)
+            margins.append(read_margin(record, hp.margin_field, path, i) if hp.margin_field else None)
+        dropped.report(len(records))
+        self.drop_counts = dict(dropped.items())
+        if not pairs:
+            raise DataFormatError(path, None, None, "has no usable pairs after dropping (see the counts logged)")
+        return pairs, margins
+
+    def tokenize(self, pairs: Sequence[PreferenceText], margins: Sequence[float | None],
+                 source: str) -> list[PreferenceExample]:
+        """Tokenize pairs; fit each into ``max_length`` (prompt cut from the left, responses from the right)."""
+        tok = self.tokenizer
+        prompts = tok([p.prompt for p in pairs], add_special_tokens=True)["input_ids"]
+        chosen = tok([p.chosen for p in pairs], add_special_tokens=False)["input_ids"]
+        rejected = tok([p.rejected for p in pairs], add_special_tokens=False)["input_ids"]
+        counter, out = DropCounter(source), []
+        for p_ids, c_ids, r_ids, margin in zip(prompts, chosen, rejected, margins):
+            c_ids, r_ids = c_ids + [tok.eos_token_id], r_ids + [tok.eos_token_id]
+            longer = c_ids if len(c_ids) >= len(r_ids) else r_ids
+            p_ids, _, p_cut, _ = truncate_pair(p_ids, longer, self.max_length, self.max_prompt_length)
+            room = self.max_length - len(p_ids)
+            counter.add("had the prompt truncated from the left", int(p_cut))
+            counter.add("had a response truncated from the right (no EOS learned)",
+                        int(len(c_ids) > room or len(r_ids) > room))
+            c_ids, r_ids = c_ids[:room], r_ids[:room]
+            if c_ids == r_ids:
+                counter.add("dropped: chosen and rejected identical after truncation")
+                continue
+            example = PreferenceExample(prompt_ids=p_ids, chosen_ids=c_ids, rejected_ids=r_ids)
+            if margin is not None:
+                example["margin"] = margin
+            out.append(example)
+        counter.report(len(pairs))
+        self.truncation_counts = dict(counter.items())
+        return out
+
+    def _read(self, source: str, split: str) -> list[PreferenceExample]:
+        pairs, margins = self.read_pairs(source, split)
+        return self.tokenize(pairs, margins, resolve_builtin(source))
+
+    def _read_predict(self, source: str) -> list[dict[str, list[int]]]:
+        path, records = self._records(source, "train")
+        texts = [(format_prompt(require_text(r, "prompt", path, i), self.hparams.prompt_format, self.tokenizer),
+                  require_text(r, "response", path, i)) for i, r in enumerate(records)]
+        prompts = self.tokenizer([p for p, _ in texts], add_special_tokens=True)["input_ids"]
+        responses = self.tokenizer([r for _, r in texts], add_special_tokens=False)["input_ids"]
+        out = []
+        for p_ids, r_ids in zip(prompts, responses):
+            p_ids, r_ids, _, _ = truncate_pair(p_ids, r_ids + [self.tokenizer.eos_token_id], self.max_length,
+                                               self.max_prompt_length)
+            out.append({"prompt_ids": p_ids, "response_ids": r_ids})
+        return out
+
+    def setup(self, stage: str) -> None:
+        hp = self.hparams
+        if stage == "predict":
+            if hp.predict_data is None:
+                raise ValueError("predict needs data.predict_data: a file of {prompt, response} rows to score.")
+            self.predict_set = self.predict_set or self._read_predict(hp.predict_data)
+            return
+        if self.train_set or self.val_set:
+            return
+        examples = self._read(hp.data, hp.split)
+        if hp.val_data is not None:
+            self.train_set, self.val_set = examples, self._read(hp.val_data, hp.val_split)
+        else:
+            order = list(range(len(examples)))
+            random.Random(hp.seed).shuffle(order)
+            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
+            self.val_set = [examples[i] for i in sorted(order[:n_val])]
+            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+        for split in (self.train_set, self.val_set):
+            for i, example in enumerate(split):
+                example["index"] = i
+        log.info("Preference data: %d train / %d validation pairs", len(self.train_set), len(self.val_set))
+
+    # --- loaders ----------------------------------------------------------------------------------------------
+    def collate(self, examples: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
+        return collate_preference(examples, self.tokenizer.pad_token_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self.resumable_loader(self.train_set, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
+                          num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.predict_set, batch_size=self.batch_size, shuffle=False,
+                          collate_fn=partial(pad_prompt_response, pad_token_id=self.tokenizer.pad_token_id))
