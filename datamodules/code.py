@@ -15,6 +15,7 @@ from datamodules.io import DataFormatError, load_records, require_text
 from modules.code_eval import CodeProblem
 
 Format = Literal["auto", "humaneval", "apps", "code_contests"]
+BUILTIN_CODE_SYNTHESIS = "builtin:code_synthesis"
 # CodeContests' `difficulty` enum (deepmind/code_contests, contest_problem.proto); 7 onwards are Codeforces letters.
 _CC_DIFFICULTY = ("UNKNOWN", "EASY", "MEDIUM", "HARD", "HARDER", "HARDEST", "EXTERNAL")
 # The APPS evaluator runs every program after a block of common imports; ours is the same idea, minus numpy (slow).
@@ -126,7 +127,14 @@ def detect_format(row: Mapping[str, Any], source: str, index: int) -> str:
 
 
 def load_problems(source: str, format: Format = "auto", split: str = "train") -> dict[str, CodeProblem]:
-    """Read a problem file (JSON/JSONL(.gz)/Parquet or hub id) into ``{task_id: CodeProblem}``."""
+    """Read a problem file (JSON/JSONL(.gz)/Parquet or hub id) into ``{task_id: CodeProblem}``.
+
+    ``builtin:code_synthesis`` is the toy task of `datamodules.code_synthesis` (no file, no download).
+    """
+    if source == BUILTIN_CODE_SYNTHESIS:
+        from datamodules.code_synthesis import synthesis_problems  # lazy: it pulls in the SFT data module
+
+        return synthesis_problems()
     rows = load_records(source, split)
     problems: dict[str, CodeProblem] = {}
     for i, row in enumerate(rows):
@@ -160,3 +168,10 @@ class CodePromptDataset(Dataset):
     @staticmethod
     def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
         return {"prompts": [x["prompt"] for x in items], "metadata": [x["metadata"] for x in items]}
+
+
+def code_prompt_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+    """The problems of ``source`` as prompt records for `datamodules.prompts.PromptDataModule` (``source_format:
+    code``): each is `CodeProblem.to_metadata`, so its ``prompt`` is the text and the whole record, unit tests
+    included, reaches the reward as that row's metadata."""
+    return [problem.to_metadata() for problem in load_problems(source, "auto", split).values()]

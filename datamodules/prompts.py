@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.builtin import resolve_builtin
+from datamodules.code import code_prompt_records
 from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from datamodules.sampler import ResumableSampler
@@ -22,7 +23,7 @@ from modules.types import PromptBatch
 
 log = logging.getLogger(__name__)
 
-PromptSource = Literal["hh", "saferlhf", "alpaca", "plain"]
+PromptSource = Literal["hh", "saferlhf", "alpaca", "plain", "code"]
 BUILTIN_PROMPTS = "builtin:prompts"
 
 
@@ -58,11 +59,13 @@ def to_prompt(record: dict[str, Any], source_format: PromptSource, prompt_format
             return alpaca_prompt(instruction, extra), {}
         return format_prompt(f"{instruction}\n\n{extra}" if extra.strip() else instruction, prompt_format,
                              tokenizer), {}
+    if source_format == "code":  # a code problem (datamodules.code): its unit tests go to the reward
+        return format_prompt(require_text(record, "prompt", source, row), prompt_format, tokenizer), dict(record)
     if source_format in ("saferlhf", "plain"):
         text = require_text(record, "prompt", source, row)
         meta = {k: v for k, v in record.items() if k != "prompt"}
         return format_prompt(text, prompt_format, tokenizer), meta
-    raise ValueError(f"Unknown source_format {source_format!r}; choose one of hh, saferlhf, alpaca, plain.")
+    raise ValueError(f"Unknown source_format {source_format!r}; choose one of hh, saferlhf, alpaca, plain, code.")
 
 
 def pad_prompts(rows: list[dict[str, Any]], pad_token_id: int) -> PromptBatch:
@@ -86,10 +89,13 @@ class PromptDataModule(L.LightningDataModule):
 
     Args:
         tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`); linked into the model.
-        data: local file (JSON/JSONL/Parquet, or ``.txt`` with one prompt per line), hub id, or ``builtin:prompts``.
+        data: local file (JSON/JSONL/Parquet, or ``.txt`` with one prompt per line), hub id, ``builtin:prompts``, or
+            ``builtin:code_synthesis`` (with ``source_format: code``).
         source_format: ``hh`` (the dialogue of an HH-RLHF ``chosen`` field up to its last assistant turn),
             ``saferlhf`` (PKU-SafeRLHF ``prompt``), ``alpaca`` (``instruction``/``input``) or ``plain`` (``prompt``;
-            the row's other fields go to the reward as metadata).
+            the row's other fields go to the reward as metadata) or ``code`` (a HumanEval / APPS / CodeContests
+            file or ``builtin:code_synthesis``, read by `datamodules.code.load_problems`; the problem with its
+            unit tests goes to the reward as metadata, for `modules.code_reward.UnitTestReward`).
         prompt_format: how a single-turn request is rendered (``hh``, ``alpaca``, ``chat``, ``plain``).
         max_length: prompt + response token budget (linked into the model).
         max_prompt_length: prompt token budget (default: ``max_length`` // 2).
@@ -126,7 +132,8 @@ class PromptDataModule(L.LightningDataModule):
 
     def _read(self, source: str) -> list[dict[str, Any]]:
         hp, tok = self.hparams, self.tokenizer
-        records = read_prompt_rows(source, hp.split)
+        records = (code_prompt_records(source, hp.split) if hp.source_format == "code"
+                   else read_prompt_rows(source, hp.split))
         if hp.max_rows is not None and len(records) > hp.max_rows:
             log.info("%s: using the first %d of %d rows (max_rows)", source, hp.max_rows, len(records))
             records = records[: hp.max_rows]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from modules.code_eval import CodeProblem, evaluate_completions
+from modules.code_eval import CodeProblem, Verdict, evaluate_completions
 from modules.execution import SandboxConfig
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
@@ -43,6 +43,9 @@ class UnitTestReward:
         extract_fenced: score the first ```python fenced block when the response has one (chat models).
         config: sandbox limits; ``None``: `SandboxConfig` defaults.
         n_workers: parallel sandboxes (default: CPU count).
+
+    After a call, ``last_verdicts`` holds each response's `modules.code_eval.Verdict` (status, tests passed), for
+    logging and tests.
     """
 
     def __init__(self, pass_reward: float = 10.0, fail_reward: float = 0.0, partial_credit: bool = False,
@@ -52,6 +55,7 @@ class UnitTestReward:
         self.partial_credit, self.extract_fenced = partial_credit, extract_fenced
         self.config = dataclasses.replace(config or SandboxConfig(), stop_on_error=not partial_credit)
         self.n_workers, self.progress = n_workers, progress
+        self.last_verdicts: list[Verdict] = []
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
@@ -69,6 +73,7 @@ class UnitTestReward:
                                  "CodeProblem.to_metadata() or datamodules.code") from e
         codes = [extract_code(r) if self.extract_fenced else r for r in responses]
         verdicts = evaluate_completions(problems, codes, self.config, self.n_workers, self.progress)
+        self.last_verdicts = verdicts
         if self.partial_credit:
             frac = [v.n_passed / v.n_tests if v.status != "crashed" else 0.0 for v in verdicts]
         else:

