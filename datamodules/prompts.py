@@ -17,7 +17,7 @@ from datamodules.builtin import resolve_builtin
 from datamodules.code import code_prompt_records
 from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from datamodules.sampler import ResumableSampler
+from datamodules.resumable import ResumableLoaderMixin
 from datamodules.tokenizer import load_tokenizer
 from modules.types import PromptBatch
 
@@ -81,7 +81,7 @@ def pad_prompts(rows: list[dict[str, Any]], pad_token_id: int) -> PromptBatch:
                        metadata=[r["metadata"] for r in rows])
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
     """Prompts for PPO rollouts: one batch is one rollout of ``rollout_batch_size`` left-padded prompts.
 
     Prompts longer than ``max_prompt_length`` tokens are dropped (``long_prompts: drop``) or cut from the left
@@ -127,8 +127,6 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         self.train_set: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
-        self._consumed = 0  # rollout batches consumed in the current epoch, for exact resume
-        self._resume_skip = 0
 
     def _read(self, source: str) -> list[dict[str, Any]]:
         hp, tok = self.hparams, self.tokenizer
@@ -173,26 +171,7 @@ class PromptDataModule(L.LightningDataModule):
             log.info("Prompt data: %d prompts (%s)", len(self.train_set), self.counts)
 
     def train_dataloader(self) -> DataLoader:
-        trainer, hp = self.trainer, self.hparams
-        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
-                                   rank=trainer.global_rank if trainer else 0, shuffle=True, seed=hp.seed)
-        sampler.skip(self._resume_skip * hp.rollout_batch_size)
-        self._consumed, self._resume_skip = self._resume_skip, 0
         # drop_last: every rollout has exactly rollout_batch_size prompts, so minibatch sizes never change
-        return DataLoader(self.train_set, batch_size=hp.rollout_batch_size, sampler=sampler, drop_last=True,
-                          collate_fn=partial(pad_prompts, pad_token_id=self.tokenizer.pad_token_id),
-                          num_workers=hp.num_workers)
-
-    # --- exact resume: count consumed rollout batches and skip them after a restart (as datamodules.sft) ---------
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._consumed += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        world = self.trainer.world_size if self.trainer is not None else 1
-        n_batches = (-(-len(self.train_set) // world)) // self.hparams.rollout_batch_size
-        return {"consumed_batches": self._consumed % n_batches if n_batches else 0}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_skip = int(state_dict.get("consumed_batches", 0))
+        return self.resumable_loader(self.train_set, partial(pad_prompts, pad_token_id=self.tokenizer.pad_token_id),
+                                     batch_size=self.hparams.rollout_batch_size, seed=self.hparams.seed,
+                                     num_workers=self.hparams.num_workers, drop_last=True)

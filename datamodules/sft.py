@@ -20,7 +20,7 @@ from datamodules.collate import TokenizedExample, pad_prompt_response, truncate_
 from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from datamodules.preference_sources import saferlhf_safe_responses
-from datamodules.sampler import ResumableSampler
+from datamodules.resumable import ResumableLoaderMixin
 from datamodules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def to_prompt_response(record: dict[str, Any], source_format: SourceFormat, prom
     raise ValueError(f"Unknown source_format {source_format!r}")
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
     """Supervised fine-tuning data with response-only loss.
 
     Args:
@@ -99,10 +99,9 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.train_set: list[TokenizedExample] = []
         self.val_set: list[TokenizedExample] = []
-        self._consumed = 0  # training micro-batches consumed in the current epoch, for exact resume
-        self._resume_skip = 0
 
     # --- data preparation -------------------------------------------------------------------------------------
     def _read(self, source: str) -> list[TokenizedExample]:
@@ -169,13 +168,7 @@ class SFTDataModule(L.LightningDataModule):
         return partial(pad_prompt_response, pad_token_id=self.tokenizer.pad_token_id)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        sampler = ResumableSampler(self.train_set, num_replicas=trainer.world_size if trainer else 1,
-                                   rank=trainer.global_rank if trainer else 0, shuffle=True, seed=self.hparams.seed)
-        sampler.skip(self._resume_skip * self.hparams.batch_size)
-        self._consumed, self._resume_skip = self._resume_skip, 0
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler,
-                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+        return self.resumable_loader(self.train_set, self._collate())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
@@ -185,18 +178,12 @@ class SFTDataModule(L.LightningDataModule):
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""
         return self.val_dataloader()
 
-    # --- exact resume: count consumed training batches and skip them after a restart --------------------------
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if self.trainer is not None and self.trainer.training:
-            self._consumed += 1
-        return batch
+    def predict_dataloader(self) -> DataLoader:
+        """The held-out prompts alone, left-padded for generation (`modules.types.PromptBatch`)."""
+        from datamodules.prompts import pad_prompts
 
-    def state_dict(self) -> dict[str, Any]:
-        # The count is per epoch; at an epoch boundary Lightning starts a fresh epoch and nothing is skipped.
-        world = self.trainer.world_size if self.trainer is not None else 1
-        per_rank = -(-len(self.train_set) // world)
-        n_batches = -(-per_rank // self.hparams.batch_size)
-        return {"consumed_batches": self._consumed % n_batches if n_batches else 0}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_skip = int(state_dict.get("consumed_batches", 0))
+        tok = self.tokenizer
+        rows = [{"input_ids": e["prompt_ids"], "prompt": tok.decode(e["prompt_ids"], skip_special_tokens=True),
+                 "metadata": {}} for e in self.val_set]
+        return DataLoader(rows, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=partial(pad_prompts, pad_token_id=tok.pad_token_id))

@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
 from modules.export import save_pretrained
+from modules.generation import sample
 from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
 from modules.optim import adamw, build_optimization
 from modules.policy import completion_logprobs
@@ -32,6 +33,7 @@ class SFTModule(L.LightningModule):
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         loss_reduction: ``token`` or ``sequence`` (above).
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+        max_new_tokens, temperature: generation settings of ``predict`` (``temperature=0``: greedy).
     """
 
     def __init__(
@@ -42,6 +44,8 @@ class SFTModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         loss_reduction: Literal["token", "sequence"] = "token",
         max_length: int | None = None,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"])
@@ -100,6 +104,15 @@ class SFTModule(L.LightningModule):
         self.log(f"{stage}/loss", nll, prog_bar=True)
         self.log(f"{stage}/ppl", torch.exp(nll.clamp(max=50)) if math.isfinite(float(nll)) else nll)
         self.val_nll.reset()
+
+    # --- prediction: generate responses to the data module's prompts ---------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
+        """Responses to a left-padded prompt batch (`modules.types.PromptBatch`), decoded, EOS stripped."""
+        tok, hp = self.tokenizer, self.hparams
+        gen = sample(self.policy, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens, tok.eos_token_id,
+                     tok.pad_token_id, temperature=hp.temperature)
+        texts = tok.batch_decode(gen.response_ids * gen.response_mask, skip_special_tokens=True)
+        return [{"prompt": p, "response": r} for p, r in zip(batch["prompts"], texts)]
 
     # --- setup ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

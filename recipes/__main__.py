@@ -16,6 +16,22 @@ class AlignmentCLI(LightningCLI):
     The tokenizer (hence vocab size, pad/eos ids) and the token budget are set once, on the data module.
     """
 
+    def parse_arguments(self, parser, args) -> None:
+        self._raw_args = args
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Explicit values win over a checkpoint's saved hyperparameters: Lightning applies those on top of the
+        parsed arguments (so ``predict --ckpt_path x --model.init_args.max_new_tokens 4`` would be ignored); here
+        they are applied first and the config files and command line are parsed again on top of them."""
+        before = self.config
+        super()._parse_ckpt_path()
+        if self.config is not before:
+            import sys
+
+            raw = self._raw_args if self._raw_args is not None else sys.argv[1:]
+            self.config = self.parser.parse_args(list(raw), namespace=self.config)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
         parser.link_arguments("data.max_length", "model.init_args.max_length", apply_on="instantiate")

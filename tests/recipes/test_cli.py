@@ -1,6 +1,7 @@
 """The CLI and the shipped configs: every YAML parses, every tiny YAML fits, every module imports."""
 
 import importlib
+import json
 import pkgutil
 import subprocess
 import sys
@@ -102,6 +103,13 @@ def test_validate_test_and_export_from_checkpoint(tmp_path):
     for sub, key in (("validate", "val/loss"), ("test", "test/loss")):
         res = cli_main([sub, *common, "--ckpt_path", ckpt]).trainer.callback_metrics
         assert key in res and torch.isfinite(res[key])
+    preds = tmp_path / "preds.jsonl"
+    writer = {"class_path": "callbacks.prediction_writer.JSONLPredictionWriter", "init_args": {"path": str(preds)}}
+    cli_main(["predict", *common, "--ckpt_path", ckpt, "--trainer.callbacks", json.dumps([writer]),
+              "--model.init_args.max_new_tokens", "4", "--return_predictions", "false"])
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert len(rows) == 4 and all(set(r) == {"prompt", "response"} for r in rows)  # the 5% held out of 80 rows
+    assert all(r["prompt"].endswith("### Response:\n") and len(r["response"]) <= 4 for r in rows)  # 4 byte tokens
     config = Path(cli.trainer.log_dir) / "config.yaml"
     out = export_checkpoint(str(config), ckpt, str(tmp_path / "hf"))
     exported = AutoModelForCausalLM.from_pretrained(out)
