@@ -1,0 +1,147 @@
+"""DPOIterRound: at the start of every DPO-Iter round, make the DPO reference the policy that starts the round."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
+
+from modules.models import is_peft
+
+
+class DPOIterRound(Callback):
+    """Iterative DPO (Xu et al. 2024, arXiv 2404.10719 Sec. 6): one epoch is one round; at each round start the
+    reference is reset to the current policy, and it stays fixed during the round.
+
+    The round's pairs come from `datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks for
+    a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here); this callback owns the
+    reference of `modules.dpo.DPOModule` in each of its modes:
+
+    - ``frozen_copy``: the policy's parameters and buffers are copied into ``pl_module.reference``.
+    - ``disabled_adapter`` (LoRA): the policy's adapter is copied into a frozen adapter ``adapter_name`` (added to the
+      policy once; no second base model) and ``pl_module.reference_adapter`` is set to it.
+    - ``precomputed`` (full fine-tuning only): the cached reference log-probs are dropped and recomputed for the
+      round's pairs with the current policy. With LoRA it is refused: that mode's reference is the base model.
+    - a reference-free loss: nothing to reset.
+
+    The round (``trainer.current_epoch``) of the last reset is the callback's state, so a run resumed inside a round
+    keeps that round's reference (restored from the checkpoint with the model) instead of resetting it to the
+    half-trained policy. After ``rounds`` rounds the trainer stops. Each round logs ``dpo_iter/round``,
+    ``dpo_iter/reward_mean`` (mean reward of the round's generations: the learning curve), ``dpo_iter/pairs`` and the
+    dropped counts ``dpo_iter/ties``, ``dpo_iter/below_margin``.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, callbacks=[DPOIterRound(rounds=4)])
+        trainer.fit(DPOModule(...), OnlinePreferenceDataModule(reward=..., k=5))
+
+    Args:
+        rounds: stop after this many rounds (paper: 4); None: ``trainer.max_epochs`` decides.
+        adapter_name: the reference adapter's name with LoRA.
+        policy_attr: the module attribute holding the policy.
+    """
+
+    def __init__(self, rounds: int | None = None, adapter_name: str = "round_reference",
+                 policy_attr: str = "policy") -> None:
+        if rounds is not None and rounds < 1:
+            raise ValueError(f"DPOIterRound: rounds must be >= 1, got {rounds}.")
+        self.rounds, self.adapter_name, self.policy_attr = rounds, adapter_name, policy_attr
+        self.last_reset_round = -1
+
+    def should_reset(self, round_: int) -> bool:
+        """Whether to reset the reference at the start of round ``round_`` (once per round, also across a resume)."""
+        return round_ != self.last_reset_round
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the round wiring, and let a checkpoint that holds the reference adapter load into a fresh policy."""
+        if stage == "fit" and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError("DPOIterRound: one epoch is one round, so the pairs must be regenerated every epoch; set "
+                             "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
+                             f"{trainer.reload_dataloaders_every_n_epochs}).")
+        pl_module.register_load_state_dict_pre_hook(self._add_adapter_before_load)
+
+    @override
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reset the reference to the policy that starts this round, then log the round's data statistics."""
+        # current_epoch is the 0-based round; the data module generated this round's pairs just before this hook.
+        round_ = trainer.current_epoch
+        if self.should_reset(round_):
+            self.reset_reference(trainer, pl_module)
+            self.last_reset_round = round_
+        history = getattr(trainer.datamodule, "history", None) or []
+        entry = next((h for h in reversed(history) if int(h["round"]) == round_), None)
+        if entry is not None:
+            pl_module.log_dict({f"dpo_iter/{key}": float(entry[key])
+                                for key in ("round", "reward_mean", "pairs", "ties", "below_margin")},
+                               on_step=False, on_epoch=True, batch_size=1)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Stop after ``rounds`` rounds (current_epoch is still the finished round's 0-based index here)."""
+        if self.rounds is not None and trainer.current_epoch + 1 >= self.rounds:
+            trainer.should_stop = True
+
+    @torch.no_grad()
+    def reset_reference(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Make ``pl_module``'s reference equal to its current policy (see the class docstring for each mode)."""
+        policy, mode = getattr(pl_module, self.policy_attr), getattr(pl_module, "mode", None)
+        reference = getattr(pl_module, "reference", None)
+        if mode == "none":
+            return
+        if isinstance(reference, nn.Module):
+            ref_state = dict(reference.named_parameters()) | dict(reference.named_buffers())
+            for name, tensor in list(policy.named_parameters()) + list(policy.named_buffers()):
+                ref_state[name].copy_(tensor.detach())
+        elif mode == "precomputed":
+            if is_peft(policy):
+                raise ValueError("DPOIterRound: reference_mode 'precomputed' with LoRA measures against the base model "
+                                 "(adapters disabled), not the round's policy; use reference_mode disabled_adapter.")
+            pl_module.reference_logps = {}
+            pl_module.precompute_reference(trainer.datamodule)
+        elif is_peft(policy):
+            if self.adapter_name not in policy.peft_config:
+                self._add_adapter(policy)
+            for ref, param in self._lora_pairs(policy):
+                ref.copy_(param.detach())
+            pl_module.reference_adapter = self.adapter_name
+        else:
+            raise TypeError(f"DPOIterRound: {type(pl_module).__name__} has no `reference` module, LoRA policy or "
+                            "precomputed reference to reset.")
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The round of the last reset (the reference itself is in the model's state dict or its checkpoint hook)."""
+        return {"last_reset_round": self.last_reset_round}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the round of the last reset."""
+        self.last_reset_round = int(state_dict["last_reset_round"])
+
+    # --- LoRA helpers -------------------------------------------------------------------------------------------
+    def _add_adapter(self, policy: nn.Module) -> None:
+        """Add a frozen adapter ``adapter_name`` configured like the active one (which stays active and trainable)."""
+        active = policy.active_adapter
+        policy.add_adapter(self.adapter_name, policy.peft_config[active])
+        policy.set_adapter(active)
+        for name, p in policy.named_parameters():
+            if f".{self.adapter_name}." in name:
+                p.requires_grad_(False)
+
+    def _lora_pairs(self, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(reference adapter parameter, policy adapter parameter) for every adapter weight."""
+        active, params = policy.active_adapter, dict(policy.named_parameters())
+        return [(params[name.replace(f".{active}.", f".{self.adapter_name}.")], p) for name, p in params.items()
+                if f".{active}." in name]
+
+    def _add_adapter_before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        policy = getattr(module, self.policy_attr, None)
+        if (policy is not None and is_peft(policy) and self.adapter_name not in policy.peft_config
+                and any(f".{self.adapter_name}." in key for key in state_dict)):
+            self._add_adapter(policy)
+            module.reference_adapter = self.adapter_name
