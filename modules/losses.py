@@ -6,6 +6,8 @@ losses plus detached metrics, and is chosen by ``class_path`` in YAML.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,25 +15,60 @@ from torch import nn
 from modules.rl_utils import masked_mean
 
 
-def _preference_logratios(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None,
-    ref_rejected_logps: torch.Tensor | None,
-    reference_free: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(chosen_logratios, rejected_logratios)``: log pi - log pi_ref per response (pi_ref := 1 if free)."""
-    if reference_free:
-        return policy_chosen_logps, policy_rejected_logps
-    if ref_chosen_logps is None or ref_rejected_logps is None:
-        raise ValueError(
-            "modules/losses.py: ref_chosen_logps and ref_rejected_logps are None; pass the reference model's "
-            "sequence log-probs, or set reference_free: true in the loss's init_args."
-        )
-    return policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
+class PreferenceLoss(nn.Module, ABC):
+    """Shared frame of the pairwise preference losses (DPO, IPO, SLiC hinge): one forward that turns sequence
+    log-probs into per-response log-ratios ``log pi - log pi_ref`` (``log pi_ref := 0`` when ``reference_free``),
+    a subclass's ``pair_losses`` on them, and the detached implicit rewards ``beta * (log pi - log pi_ref)``.
+
+    Args:
+        beta: the loss's temperature (each subclass states its meaning).
+        reference_free: treat ``log pi_ref`` as 0 (a uniform reference); the ``ref_*`` arguments may then be None.
+    """
+
+    def __init__(self, beta: float = 0.1, reference_free: bool = False) -> None:
+        super().__init__()
+        self.beta = beta
+        self.reference_free = reference_free
+
+    @abstractmethod
+    def pair_losses(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
+        """Per-pair loss from the two log-ratios. Shape: (b,), (b,) -> (b,)."""
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        ref_chosen_logps: torch.Tensor | None = None,
+        ref_rejected_logps: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-pair loss.
+
+        Args:
+            policy_chosen_logps: summed log-probs of the chosen responses under the policy. Shape: (b,)
+            policy_rejected_logps: summed log-probs of the rejected responses under the policy. Shape: (b,)
+            ref_chosen_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
+            ref_rejected_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            chosen_rewards: detached implicit reward ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
+            rejected_rewards: detached implicit reward of the rejected. Shape: (b,)
+        """
+        if self.reference_free:
+            chosen_logratios, rejected_logratios = policy_chosen_logps, policy_rejected_logps
+        elif ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(
+                f"{type(self).__name__}: ref_chosen_logps and ref_rejected_logps are None; pass the reference "
+                "model's sequence log-probs, or set reference_free: true in the loss's init_args."
+            )
+        else:
+            chosen_logratios = policy_chosen_logps - ref_chosen_logps
+            rejected_logratios = policy_rejected_logps - ref_rejected_logps
+        losses = self.pair_losses(chosen_logratios, rejected_logratios)
+        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(PreferenceLoss):
     """Direct Preference Optimization loss, with conservative label smoothing (cDPO).
 
     Rafailov et al., arXiv 2305.18290, Eq. 7; cDPO from Mitchell (2023), "A note on DPO with noisy preferences":
@@ -45,47 +82,21 @@ class DPOLoss(nn.Module):
     """
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference_free: bool = False) -> None:
-        super().__init__()
+        super().__init__(beta, reference_free)
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"DPOLoss: label_smoothing must be in [0, 0.5), got {label_smoothing}.")
-        self.beta = beta
         self.label_smoothing = label_smoothing
-        self.reference_free = reference_free
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor | None = None,
-        ref_rejected_logps: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the per-pair DPO loss.
-
-        Args:
-            policy_chosen_logps: summed log-probs of the chosen responses under the policy. Shape: (b,)
-            policy_rejected_logps: summed log-probs of the rejected responses under the policy. Shape: (b,)
-            ref_chosen_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
-            ref_rejected_logps: the same under the reference model; None only if ``reference_free``. Shape: (b,)
-
-        Returns:
-            losses: per-pair loss. Shape: (b,)
-            chosen_rewards: detached implicit reward ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
-            rejected_rewards: detached implicit reward of the rejected. Shape: (b,)
-        """
-        chosen_logratios, rejected_logratios = _preference_logratios(
-            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, self.reference_free
-        )
+    def pair_losses(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
         h = chosen_logratios - rejected_logratios  # (B,)
         eps = self.label_smoothing
         losses = -(1.0 - eps) * F.logsigmoid(self.beta * h)
         if eps > 0:  # skip the term at eps = 0 so that h = -inf (pi(y_c) = 0) does not make 0 * inf = nan
             losses = losses - eps * F.logsigmoid(-self.beta * h)
-        chosen_rewards = self.beta * chosen_logratios.detach()
-        rejected_rewards = self.beta * rejected_logratios.detach()
-        return losses, chosen_rewards, rejected_rewards
+        return losses
 
 
-class IPOLoss(nn.Module):
+class IPOLoss(PreferenceLoss):
     """Identity Preference Optimization loss.
 
     Azar et al., arXiv 2310.12036, Eq. 17: ``loss = (h - 1 / (2 tau))^2`` with
@@ -97,40 +108,15 @@ class IPOLoss(nn.Module):
 
     Args:
         beta: the regularization ``tau``; the target log-ratio margin is ``1 / (2 tau)``.
+        reference_free: treat ``log pi_ref`` as 0.
     """
 
-    def __init__(self, beta: float = 0.1) -> None:
-        super().__init__()
-        self.beta = beta
-
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor,
-        ref_rejected_logps: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the per-pair IPO loss.
-
-        Args:
-            policy_chosen_logps: log-probs of the chosen responses under the policy. Shape: (b,)
-            policy_rejected_logps: log-probs of the rejected responses under the policy. Shape: (b,)
-            ref_chosen_logps: log-probs of the chosen responses under the reference. Shape: (b,)
-            ref_rejected_logps: log-probs of the rejected responses under the reference. Shape: (b,)
-
-        Returns:
-            losses: per-pair loss. Shape: (b,)
-            chosen_rewards: detached ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
-            rejected_rewards: detached ``beta * (log pi - log pi_ref)`` of the rejected. Shape: (b,)
-        """
-        chosen_logratios = policy_chosen_logps - ref_chosen_logps
-        rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    def pair_losses(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
         h = chosen_logratios - rejected_logratios  # (B,)
-        losses = (h - 1.0 / (2.0 * self.beta)) ** 2
-        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+        return (h - 1.0 / (2.0 * self.beta)) ** 2
 
 
-class HingeLoss(nn.Module):
+class HingeLoss(PreferenceLoss):
     """SLiC hinge loss on the policy/reference log-ratio margin.
 
     Zhao et al., arXiv 2305.10425, Eq. 4 (the calibration hinge, with pi_ref-normalized log-probs as in the
@@ -139,36 +125,11 @@ class HingeLoss(nn.Module):
 
     Args:
         beta: scales the margin; the hinge is satisfied once ``h >= 1 / beta``.
+        reference_free: treat ``log pi_ref`` as 0.
     """
 
-    def __init__(self, beta: float = 0.1) -> None:
-        super().__init__()
-        self.beta = beta
-
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        ref_chosen_logps: torch.Tensor,
-        ref_rejected_logps: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the per-pair hinge loss.
-
-        Args:
-            policy_chosen_logps: log-probs of the chosen responses under the policy. Shape: (b,)
-            policy_rejected_logps: log-probs of the rejected responses under the policy. Shape: (b,)
-            ref_chosen_logps: log-probs of the chosen responses under the reference. Shape: (b,)
-            ref_rejected_logps: log-probs of the rejected responses under the reference. Shape: (b,)
-
-        Returns:
-            losses: per-pair loss. Shape: (b,)
-            chosen_rewards: detached ``beta * (log pi - log pi_ref)`` of the chosen. Shape: (b,)
-            rejected_rewards: detached ``beta * (log pi - log pi_ref)`` of the rejected. Shape: (b,)
-        """
-        chosen_logratios = policy_chosen_logps - ref_chosen_logps
-        rejected_logratios = policy_rejected_logps - ref_rejected_logps
-        losses = F.relu(1.0 - self.beta * (chosen_logratios - rejected_logratios))  # (B,)
-        return losses, self.beta * chosen_logratios.detach(), self.beta * rejected_logratios.detach()
+    def pair_losses(self, chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor) -> torch.Tensor:
+        return F.relu(1.0 - self.beta * (chosen_logratios - rejected_logratios))  # (B,)
 
 
 class PairwiseRewardLoss(nn.Module):

@@ -175,3 +175,11 @@ def test_ppo_value_loss_unclipped():
     torch.testing.assert_close(loss, torch.tensor(0.5))
     assert clipfrac.item() == 0.0
     torch.testing.assert_close(values.grad, torch.tensor([[0.5, -0.5]]))
+
+
+@pytest.mark.parametrize("loss_cls", [IPOLoss, HingeLoss])
+def test_ipo_and_hinge_reference_free_equal_zero_reference(loss_cls):
+    free = loss_cls(beta=0.1, reference_free=True)(POLICY_CHOSEN, POLICY_REJECTED)
+    zero = loss_cls(beta=0.1)(POLICY_CHOSEN, POLICY_REJECTED, torch.zeros(3), torch.zeros(3))
+    for a, b in zip(free, zero):
+        torch.testing.assert_close(a, b)
