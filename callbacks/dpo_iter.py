@@ -11,6 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from modules.models import is_peft
+from modules.policy import add_frozen_adapter, adapter_pairs, readd_adapter_before_load
 
 
 class DPOIterRound(Callback):
@@ -63,7 +64,8 @@ class DPOIterRound(Callback):
             raise ValueError("DPOIterRound: one epoch is one round, so the pairs must be regenerated every epoch; set "
                              "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
                              f"{trainer.reload_dataloaders_every_n_epochs}).")
-        pl_module.register_load_state_dict_pre_hook(self._add_adapter_before_load)
+        pl_module.register_load_state_dict_pre_hook(
+            readd_adapter_before_load(self.policy_attr, self.adapter_name))
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -105,8 +107,8 @@ class DPOIterRound(Callback):
             pl_module.precompute_reference(trainer.datamodule)
         elif is_peft(policy):
             if self.adapter_name not in policy.peft_config:
-                self._add_adapter(policy)
-            for ref, param in self._lora_pairs(policy):
+                add_frozen_adapter(policy, self.adapter_name)
+            for ref, param in adapter_pairs(policy, self.adapter_name):
                 ref.copy_(param.detach())
             pl_module.reference_adapter = self.adapter_name
         else:
@@ -122,26 +124,3 @@ class DPOIterRound(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the round of the last reset."""
         self.last_reset_round = int(state_dict["last_reset_round"])
-
-    # --- LoRA helpers -------------------------------------------------------------------------------------------
-    def _add_adapter(self, policy: nn.Module) -> None:
-        """Add a frozen adapter ``adapter_name`` configured like the active one (which stays active and trainable)."""
-        active = policy.active_adapter
-        policy.add_adapter(self.adapter_name, policy.peft_config[active])
-        policy.set_adapter(active)
-        for name, p in policy.named_parameters():
-            if f".{self.adapter_name}." in name:
-                p.requires_grad_(False)
-
-    def _lora_pairs(self, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(reference adapter parameter, policy adapter parameter) for every adapter weight."""
-        active, params = policy.active_adapter, dict(policy.named_parameters())
-        return [(params[name.replace(f".{active}.", f".{self.adapter_name}.")], p) for name, p in params.items()
-                if f".{active}." in name]
-
-    def _add_adapter_before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        policy = getattr(module, self.policy_attr, None)
-        if (policy is not None and is_peft(policy) and self.adapter_name not in policy.peft_config
-                and any(f".{self.adapter_name}." in key for key in state_dict)):
-            self._add_adapter(policy)
-            module.reference_adapter = self.adapter_name

@@ -11,6 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from modules.models import is_peft
+from modules.policy import add_frozen_adapter, adapter_pairs, readd_adapter_before_load
 
 
 class EMAReference(Callback):
@@ -63,7 +64,8 @@ class EMAReference(Callback):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Let a checkpoint that holds the EMA adapter load into a policy that does not have it yet."""
-        pl_module.register_load_state_dict_pre_hook(self._add_adapter_before_load)
+        pl_module.register_load_state_dict_pre_hook(
+            readd_adapter_before_load(self.policy_attr, self.adapter_name, set_reference=False))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -72,8 +74,8 @@ class EMAReference(Callback):
         if is_peft(policy):
             fresh = self.adapter_name not in policy.peft_config
             if fresh:
-                self._add_adapter(policy)
-            self._pairs = self._lora_pairs(policy)
+                add_frozen_adapter(policy, self.adapter_name)
+            self._pairs = adapter_pairs(policy, self.adapter_name)
             if fresh:  # a new EMA adapter starts equal to the policy's; a restored one keeps its checkpointed values
                 with torch.no_grad():
                     for ref, param in self._pairs:
@@ -110,25 +112,3 @@ class EMAReference(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the last updated step."""
         self.last_updated_step = int(state_dict["last_updated_step"])
-
-    # --- LoRA helpers -------------------------------------------------------------------------------------------
-    def _add_adapter(self, policy: nn.Module) -> None:
-        """Add a frozen adapter ``adapter_name`` with the active adapter's configuration (active one unchanged)."""
-        active = policy.active_adapter
-        policy.add_adapter(self.adapter_name, policy.peft_config[active])
-        policy.set_adapter(active)  # keeps the policy's adapter active and trainable, the EMA one frozen
-        for name, p in policy.named_parameters():
-            if f".{self.adapter_name}." in name:
-                p.requires_grad_(False)
-
-    def _lora_pairs(self, policy: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(EMA adapter parameter, policy adapter parameter) for every adapter weight."""
-        active, params = policy.active_adapter, dict(policy.named_parameters())
-        return [(params[name.replace(f".{active}.", f".{self.adapter_name}.")], p) for name, p in params.items()
-                if f".{active}." in name]
-
-    def _add_adapter_before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        policy = getattr(module, self.policy_attr, None)
-        if (policy is not None and is_peft(policy) and self.adapter_name not in policy.peft_config
-                and any(f".{self.adapter_name}." in key for key in state_dict)):
-            self._add_adapter(policy)

@@ -97,3 +97,36 @@ def reference_context(model: nn.Module, adapter: str | None = None) -> Iterator[
         yield
     finally:
         model.set_adapter(previous)  # peft's set_adapter also makes the active adapter trainable again
+
+
+def add_frozen_adapter(policy: nn.Module, name: str) -> None:
+    """Add a frozen LoRA adapter ``name`` configured like the active one; the active adapter stays active and
+    trainable (a reference adapter for `reference_context`)."""
+    active = policy.active_adapter
+    policy.add_adapter(name, policy.peft_config[active])
+    policy.set_adapter(active)  # peft's set_adapter makes the active adapter trainable and the others frozen
+    for param_name, p in policy.named_parameters():
+        if f".{name}." in param_name:
+            p.requires_grad_(False)
+
+
+def adapter_pairs(policy: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:
+    """(adapter ``name``'s parameter, the active adapter's parameter) for every adapter weight."""
+    active, params = policy.active_adapter, dict(policy.named_parameters())
+    return [(params[param_name.replace(f".{active}.", f".{name}.")], p) for param_name, p in params.items()
+            if f".{active}." in param_name]
+
+
+def readd_adapter_before_load(policy_attr: str, name: str, set_reference: bool = True):
+    """A ``register_load_state_dict_pre_hook`` hook: when a checkpoint holds adapter ``name`` that the module's
+    policy does not have yet (a fresh process resuming), add it first so the weights load into it."""
+
+    def hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        policy = getattr(module, policy_attr, None)
+        if (policy is not None and hasattr(policy, "peft_config") and name not in policy.peft_config
+                and any(f".{name}." in key for key in state_dict)):
+            add_frozen_adapter(policy, name)
+            if set_reference:
+                module.reference_adapter = name
+
+    return hook
