@@ -4,7 +4,6 @@ optimization; one training step is one PPO iteration: a rollout, then ``ppo_epoc
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +23,7 @@ from modules.policy import reference_context
 from modules.rewards import RewardFunction
 from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
                               masked_mean, masked_whiten, terminal_scores)
-from modules.scalar_models import build_scalar_model
+from modules.scalar_models import build_scalar_model, check_critic_tokenizer
 from modules.types import Generation, PromptBatch, Trajectory
 
 
@@ -311,25 +310,3 @@ class PPOModule(L.LightningModule):
         """Write the policy as a Hugging Face folder (weights, config, tokenizer); under sharding call on every
         rank, ``is_writer`` marks the rank that writes."""
         return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
-
-
-def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
-    """Refuse a critic that cannot read the policy's token ids (its folder's tokenizer or its vocabulary differ)."""
-    if tokenizer is None:
-        return
-    rows = critic.get_input_embeddings().num_embeddings
-    path = spec.name_or_path
-    has_tok = path and os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
-                                                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
-    same = rows >= len(tokenizer)
-    if same and has_tok:
-        from datamodules.tokenizer import load_tokenizer
-
-        same = load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
-    if not same:
-        raise ValueError(
-            f"critic '{path or 'config'}' ({rows} embedding rows) uses a different tokenizer than the policy "
-            f"({len(tokenizer)} tokens): the critic reads the policy's token ids. Initialize the critic from a reward "
-            "model trained with the policy's tokenizer (or from the policy); the reward itself may use any tokenizer "
-            "through modules.rewards.SequenceClassifierReward.")
-

@@ -7,6 +7,8 @@ the pad id equals the eos id.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
@@ -78,3 +80,25 @@ def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor)
     """The head's output at each row's last real token (reward-model scores). Shape: ``(B,)``, float32."""
     scores = token_scores(model, input_ids, attention_mask)
     return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Refuse a critic that cannot read the policy's token ids (its folder's tokenizer or its vocabulary differ)."""
+    if tokenizer is None:
+        return
+    rows = critic.get_input_embeddings().num_embeddings
+    path = spec.name_or_path
+    has_tok = path and os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in
+                                                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    same = rows >= len(tokenizer)
+    if same and has_tok:
+        from datamodules.tokenizer import load_tokenizer
+
+        same = load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    if not same:
+        raise ValueError(
+            f"critic '{path or 'config'}' ({rows} embedding rows) uses a different tokenizer than the policy "
+            f"({len(tokenizer)} tokens): the critic reads the policy's token ids. Initialize the critic from a reward "
+            "model trained with the policy's tokenizer (or from the policy); the reward itself may use any tokenizer "
+            "through modules.rewards.SequenceClassifierReward.")
+
