@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import random
 from array import array
 from collections.abc import Sequence
 from functools import partial
@@ -31,6 +30,7 @@ from datamodules.preference_sources import (
     to_preference,
 )
 from datamodules.resumable import ResumableLoaderMixin
+from datamodules.sampler import holdout_split
 from datamodules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -227,11 +227,7 @@ class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self._read(hp.val_data, hp.val_split)
         else:
-            order = list(range(len(examples)))
-            random.Random(hp.seed).shuffle(order)
-            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
-            self.val_set = [examples[i] for i in sorted(order[:n_val])]
-            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
         for split in (self.train_set, self.val_set):
             for i, example in enumerate(split):
                 example["index"] = i

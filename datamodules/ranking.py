@@ -25,6 +25,7 @@ from datamodules.formats import PromptFormat, format_prompt
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from datamodules.preference_sources import PromptMismatchError, generic_pair, hh_pair
 from datamodules.resumable import ResumableLoaderMixin
+from datamodules.sampler import holdout_split
 from datamodules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -255,11 +256,7 @@ class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
             self.train_set = examples
             self.val_set = self.tokenize(self.read(hp.val_data, hp.val_split), _resolve(hp.val_data))
         else:
-            order = list(range(len(examples)))
-            random.Random(hp.seed).shuffle(order)
-            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
-            self.val_set = [examples[i] for i in sorted(order[:n_val])]
-            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
         log.info("Ranking data: %d train / %d validation prompts", len(self.train_set), len(self.val_set))
 
     def collate(self, examples: Sequence[RankingExample]) -> dict[str, torch.Tensor]:

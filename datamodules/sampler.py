@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sized
 
 from torch.utils.data import DistributedSampler
@@ -35,3 +36,12 @@ class ResumableSampler(DistributedSampler):
         indices = list(super().__iter__())
         skip, self._skip = self._skip, 0  # only the first iteration after a resume is shortened
         return iter(indices[skip:])
+
+
+def holdout_split(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` of the examples held out (at least one when the fraction
+    is positive), both kept in their original order."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(examples) * fraction)) if fraction > 0 else 0
+    return [examples[i] for i in sorted(order[n_val:])], [examples[i] for i in sorted(order[:n_val])]

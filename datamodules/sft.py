@@ -8,7 +8,6 @@ error naming the file, row and field.
 from __future__ import annotations
 
 import logging
-import random
 from functools import partial
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_promp
 from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from datamodules.preference_sources import saferlhf_safe_responses
 from datamodules.resumable import ResumableLoaderMixin
+from datamodules.sampler import holdout_split
 from datamodules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -156,11 +156,7 @@ class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self._read(hp.val_data)
         else:
-            order = list(range(len(examples)))
-            random.Random(hp.seed).shuffle(order)
-            n_val = max(1, round(len(examples) * hp.val_fraction)) if hp.val_fraction > 0 else 0
-            self.val_set = [examples[i] for i in sorted(order[:n_val])]
-            self.train_set = [examples[i] for i in sorted(order[n_val:])]
+            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
         log.info("SFT data: %d train / %d validation examples", len(self.train_set), len(self.val_set))
 
     # --- loaders ----------------------------------------------------------------------------------------------
