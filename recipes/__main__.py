@@ -1,4 +1,6 @@
-"""`python -m recipes fit|validate|test|predict --config yaml/...`: the LightningCLI entry point (wiring only)."""
+"""`python -m recipes fit|validate|test|predict --config yaml/...`: the LightningCLI entry point (wiring only).
+
+`python -m recipes study|evaluate ...` hand the remaining arguments to those commands' own parsers."""
 
 from __future__ import annotations
 
@@ -46,11 +48,18 @@ def _resolve_configs(args: list[str]) -> list[str]:
     return out
 
 
-def cli_main(args: ArgsType = None, run: bool = True) -> AlignmentCLI:
+# Subcommands that are not a Trainer entry point: name -> module whose ``main(args)`` runs it.
+SUBCOMMANDS = {"study": "recipes.study", "evaluate": "recipes.evaluate"}
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> AlignmentCLI | object:
+    import importlib
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     given = list(args) if args is not None else sys.argv[1:]
+    if given and given[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[given[0]]).main(_resolve_configs(given[1:]))
     argv = _resolve_configs(given)
     return AlignmentCLI(
         subclass_mode_model=True,
