@@ -1,0 +1,52 @@
+"""Win/tie/loss counting and the sampled-response KL, against hand counts and a hand-computed log-prob sum."""
+
+import pytest
+import torch
+from torch import nn
+
+from modules.evaluation import WinTieLoss, sequence_kl, win_tie_loss
+
+
+def test_win_tie_loss_counts_by_hand():
+    # differences (exact in binary): +1.0 (win), +0.25 (tie: within 0.5), -0.5 (tie: |d| == margin), -2 (loss)
+    result = win_tie_loss(torch.tensor([2.0, 1.25, 0.5, -1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0]), tie_margin=0.5)
+    assert result == WinTieLoss(1, 2, 1)
+    assert result.n == 4 and result.win_rate == pytest.approx((1 + 0.5 * 2) / 4)
+
+
+def test_swapping_sides_mirrors_the_result():
+    a, b = torch.randn(50), torch.randn(50)
+    assert win_tie_loss(b, a, 0.3) == win_tie_loss(a, b, 0.3).mirrored()
+
+
+def test_bad_shapes_and_margin_are_refused():
+    with pytest.raises(ValueError, match="score vectors"):
+        win_tie_loss(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ValueError, match="tie_margin"):
+        win_tie_loss(torch.zeros(3), torch.zeros(3), tie_margin=-1)
+
+
+class FixedLM(nn.Module):
+    """A causal LM whose next-token distribution is the same at every position: softmax(``logits``)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
+        b, t = input_ids.shape
+        keep = logits_to_keep or t
+        return type("Out", (), {"logits": self.logits.expand(b, keep, -1).clone()})()
+
+
+def test_sequence_kl_is_the_log_ratio_summed_over_response_tokens():
+    import math
+
+    policy, reference = FixedLM([math.log(0.5), math.log(0.5)]), FixedLM([math.log(0.25), math.log(0.75)])
+    # prompt [0], responses [0, 1] (both real) and [1, pad] (one real token)
+    input_ids = torch.tensor([[0, 0, 1], [0, 1, 0]])
+    response_mask = torch.tensor([[1, 1], [1, 0]])
+    kl = sequence_kl(policy, reference, input_ids, torch.ones_like(input_ids), 1, response_mask)
+    # row 0: log(.5/.25) + log(.5/.75); row 1: log(.5/.75)
+    expected = torch.tensor([math.log(2) + math.log(2 / 3), math.log(2 / 3)])
+    assert torch.allclose(kl, expected, atol=1e-6)
