@@ -1,10 +1,14 @@
 """Sampling with a KV cache: matches Hugging Face greedy decoding, ignores left padding, stops at EOS, filters
-top-k / top-p as computed by hand, and is reproducible from a generator."""
+top-k / top-p as computed by hand, draws from that distribution by inverse CDF, is reproducible from a generator,
+and its preallocated cache equals transformers' DynamicCache."""
 
+import pytest
 import torch
 from torch import nn
 
-from modules.generation import filter_logits, sample
+from modules.generation import GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
+from modules.policy import position_ids_from_mask
+from tests.conftest import TINY_LLAMA
 
 
 def test_greedy_matches_hf_generate_and_ignores_left_padding(tiny_model, byte_tokenizer):
@@ -71,3 +75,123 @@ def test_sampling_is_reproducible_from_a_generator(tiny_model, byte_tokenizer):
                    top_k=50, generator=torch.Generator().manual_seed(7)).response_ids for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
     assert tiny_model.training  # mode restored
+
+
+def test_draw_tokens_inverts_the_cdf_by_hand():
+    """p = [0.5, 0.3, 0.15, 0.05] splits [0, 1) into [0, .5) -> 0, [.5, .8) -> 1, [.8, .95) -> 2, [.95, 1) -> 3;
+    each row's token is the interval holding its uniform, read from a clone of the generator."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(64, 4)
+    generator = torch.Generator().manual_seed(11)
+    u = torch.rand(64, 1, dtype=torch.float64, generator=torch.Generator().set_state(generator.get_state()))
+    tokens, mass = draw_tokens(logits, generator=generator)
+    expected = [0 if x < 0.5 else 1 if x < 0.8 else 2 if x < 0.95 else 3 for x in u.flatten().tolist()]
+    assert tokens.tolist() == expected
+    torch.testing.assert_close(mass, torch.full((64,), 2.0, dtype=torch.float64))  # weights p / max p sum to 2
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({}, [0.5, 0.3, 0.15, 0.05]),
+    ({"temperature": 0.5}, [0.25 / 0.365, 0.09 / 0.365, 0.0225 / 0.365, 0.0025 / 0.365]),  # p^2, renormalized
+    ({"top_k": 2}, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),
+    ({"top_p": 0.7}, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # mass before 0.15 is 0.8 >= 0.7
+    ({"top_k": 3, "top_p": 0.9}, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]),  # within top-3: before 0.15 is 0.84
+])
+def test_draw_tokens_follows_the_filtered_distribution(settings, expected):
+    """20 000 draws per setting: frequencies within 4.5 binomial standard deviations (at most 0.016) of the
+    hand-computed probabilities, and a filtered token is never drawn."""
+    n = 20_000
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(n, 4)
+    tokens, _ = draw_tokens(logits, generator=torch.Generator().manual_seed(0), **settings)
+    freq = torch.bincount(tokens, minlength=4).double() / n
+    for f, p in zip(freq.tolist(), expected):
+        assert abs(f - p) <= 4.5 * (p * (1 - p) / n) ** 0.5 + 1e-12, (settings, freq.tolist(), expected)
+    expected_filtered = torch.tensor(expected) == 0
+    assert (freq[expected_filtered] == 0).all()
+    # the same distribution as softmax(filter_logits(...)) that a torch.multinomial sampler would use
+    temperature = settings.get("temperature", 1.0)
+    filtered = filter_logits(logits[:1] / temperature, settings.get("top_k", 0), settings.get("top_p", 1.0))
+    torch.testing.assert_close(filtered.softmax(-1)[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_preallocated_cache_matches_the_dynamic_cache(tiny_model, byte_tokenizer):
+    """Prompt prefill plus three one-token steps: the preallocated layers hold the same keys and values, and give the
+    same logits, as transformers' DynamicCache, without growing their buffers."""
+    from transformers.cache_utils import DynamicCache
+
+    tiny_model.eval()
+    enc = byte_tokenizer(["hello there", "a"], return_tensors="pt", padding=True, padding_side="left")
+    caches = [preallocated_cache(tiny_model, enc.input_ids.shape[1] + 3), DynamicCache(config=tiny_model.config)]
+    assert all(isinstance(layer, GrowingKVLayer) for layer in caches[0].layers)
+    logits = []
+    for cache in caches:
+        ids, mask, steps = enc.input_ids, enc.attention_mask, []
+        positions = position_ids_from_mask(mask)
+        for _ in range(4):
+            out = tiny_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True)
+            steps.append(out.logits[:, -1])
+            ids, positions = out.logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits.append(torch.stack(steps))
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(caches[0].layers, caches[1].layers):
+        torch.testing.assert_close(ours.keys, theirs.keys)
+        torch.testing.assert_close(ours.values, theirs.values)
+        assert ours.get_seq_length() == theirs.get_seq_length() == enc.input_ids.shape[1] + 3
+    with pytest.raises(RuntimeError, match="exceed the preallocated"):
+        caches[0].layers[0].update(*(torch.zeros(2, 2, 1, 8),) * 2)
+
+
+def test_sliding_window_model_keeps_its_own_cache_and_matches_hf(byte_tokenizer):
+    """A Mistral with a 4-token sliding window needs transformers' sliding cache: no preallocated cache is built,
+    and greedy sampling still equals HF's greedy generate past the window."""
+    from modules.models import ModelSpec, build_causal_lm
+
+    model = build_causal_lm(ModelSpec(config={**TINY_LLAMA, "model_type": "mistral", "sliding_window": 4}),
+                            byte_tokenizer)
+    assert preallocated_cache(model, 32) is None and preallocated_cache(Scripted([[1]]), 8) is None
+    enc = byte_tokenizer(["sliding window", "ab"], return_tensors="pt", padding=True, padding_side="left")
+    ours = sample(model, enc.input_ids, enc.attention_mask, 10, byte_tokenizer.eos_token_id,
+                  byte_tokenizer.pad_token_id, temperature=0)
+    model.eval()
+    hf = model.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=10, do_sample=False,
+                        pad_token_id=byte_tokenizer.pad_token_id, eos_token_id=byte_tokenizer.eos_token_id)
+    width = ours.response_ids.shape[1]
+    torch.testing.assert_close(ours.response_ids, hf[:, enc.input_ids.shape[1]:][:, :width])
+
+
+class Counting(Scripted):
+    """Scripted, counting its forwards."""
+
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+def test_one_forward_per_sampled_token_and_none_after_the_last():
+    """4 new tokens need the prefill and 3 one-token forwards; no forward runs for a 5th token."""
+    model = Counting([[5, 6, 7, 8, 9]])
+    out = sample(model, torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long), 4, eos_token_id=2,
+                 pad_token_id=0)
+    assert out.response_ids.tolist() == [[5, 6, 7, 8]] and model.calls == 4
+
+
+class NaNModel(Scripted):
+    """Scripted, but row 1's logits are NaN."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits[1] = float("nan")
+        return out
+
+
+def test_bad_settings_and_unusable_logits_are_clear_errors():
+    ids, mask = torch.tensor([[3, 4], [3, 4]]), torch.ones(2, 2, dtype=torch.long)
+    for bad in ({"top_p": 0.0}, {"temperature": -1.0}, {"top_k": -1}, {"max_new_tokens": 0}):
+        kwargs = {"max_new_tokens": 3, **bad}
+        with pytest.raises(ValueError, match="sampling settings"):
+            sample(Scripted([[5], [5]]), ids, mask, eos_token_id=2, pad_token_id=0, **kwargs)
+    with pytest.raises(ValueError, match=r"at new token 1, rows \[1\] have no token to sample from"):
+        sample(NaNModel([[5], [5]]), ids, mask, 3, eos_token_id=2, pad_token_id=0)

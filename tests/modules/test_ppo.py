@@ -98,8 +98,10 @@ def test_fit_two_iterations_counts_iterations_and_changes_both_models(byte_token
     changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("policy.") for n in changed) and any(n.startswith("critic.") for n in changed)
     assert not any(n.startswith("reference.") for n in changed)
-    for key in ("ppo/reward", "ppo/kl", "ppo/approx_kl", "ppo/clipfrac", "ppo/entropy", "ppo/eos_rate",
-                "ppo/value_loss", "ppo/policy_loss", "ppo/response_length", "time/rollout_s", "rollout/tokens_per_s"):
+    for key in ("ppo/reward", "ppo/score", "ppo/kl", "ppo/approx_kl", "ppo/clipfrac", "ppo/value_clipfrac",
+                "ppo/entropy", "ppo/eos_rate", "ppo/value_loss", "ppo/policy_loss", "ppo/response_length",
+                "ppo/advantage_mean", "ppo/updates", "time/generate_s", "time/score_s", "time/rollout_s",
+                "time/train_s", "rollout/tokens_per_s"):  # issue #5's metric list
         assert key in trainer.callback_metrics, key
 
 
@@ -137,9 +139,10 @@ def test_tiny_ppo_reward_rises(tmp_path):
     than 3 from about 0.9, and the per-sequence KL stays below the KL of the KL-regularized optimum.
 
     That optimum is pi*(y) = pi_ref(y) exp(r(y)/beta) / Z, so KL(pi* || pi_ref) = E_pi*[r]/beta - log Z, and
-    Jensen gives log Z >= E_ref[r]/beta; hence KL* <= (r_max - E_ref[r]) / beta = (10 - r_0) / 0.1 (about 91 nats
+    Jensen gives log Z >= E_ref[r]/beta; hence KL* <= (r_max - E_ref[r]) / beta = (10 - r_0) / 0.1 (about 89 nats
     here). A policy drifting past that bound would be chasing something other than the penalized objective.
-    Measured on seed 0: KL reaches about 27 nats while the reward climbs past 4."""
+    Measured on seed 0 (inverse-CDF sampler): the mean reward of the last 5 iterations is 7.6 against 1.2 for the
+    first 5 (responses shorten to 2-3 tokens, which a fraction reward allows), and the KL peaks at 15 nats."""
     rewards, kls = _tiny_ppo_rewards(tmp_path, 40)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 3.0, rewards
     kl_coef, r_max = 0.1, 10.0
