@@ -10,18 +10,23 @@ import logging
 import os
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from modules.export import save_pretrained
+from modules.base import AlignmentModule
 from modules.losses import DPOLoss
-from modules.models import ModelSpec, build_causal_lm, is_peft
-from modules.optim import adamw, build_optimization
-from modules.policy import completion_logprobs, reference_context, sequence_logprobs
+from modules.models import ModelSpec, build_causal_lm, fsdp2_shard, is_peft
+from modules.optim import adamw
+from modules.policy import (
+    completion_logprobs,
+    masked_completion_logps,
+    reference_context,
+    sequence_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,7 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
            "logps/rejected")
 
 
-class DPOModule(L.LightningModule):
+class DPOModule(AlignmentModule):
     """Preference optimization of a causal LM policy against a reference policy.
 
     The loss (``DPOLoss`` by default; ``IPOLoss``, ``HingeLoss`` or any module with the same signature, by
@@ -61,7 +66,11 @@ class DPOModule(L.LightningModule):
         reference_cache_dir: folder of the precomputed cache (default ``~/.cache/rlhf-recipes/reference_logps``,
             or ``$RLHF_RECIPES_CACHE``); must be readable by rank 0. ``cache_reference: false`` disables it.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+        reference_batch_size: pairs per forward of the precomputed reference pass (no gradients, no activations
+            kept); default 4x the data's batch size.
     """
+
+    policy: nn.Module | None  # built in configure_model; the frozen copy, if any, is self.reference
 
     def __init__(
         self,
@@ -75,16 +84,14 @@ class DPOModule(L.LightningModule):
         cache_reference: bool = True,
         reference_cache_dir: str | None = None,
         max_length: int | None = None,
+        reference_batch_size: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler", "loss"])
-        self.spec, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
         self.loss = loss if loss is not None else DPOLoss(beta=0.1)
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.reference_adapter: str | None = None
         self.reference_logps: dict[str, Tensor] = {}  # precomputed: split -> (N, 2) [chosen, rejected], on CPU
+        self._masked = True  # the reference pass computes logits only at completion positions (see below)
         self.val_loss = MeanMetric()
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in METRICS})
 
@@ -156,13 +163,9 @@ class DPOModule(L.LightningModule):
         for name, values in metrics.items():
             self.val_metrics[name.replace("/", "_")].update(values)
 
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_loss.reset()
-        for name in METRICS:
-            metric = self.val_metrics[name.replace("/", "_")]
-            self.log(f"val/{name}", metric.compute(), prog_bar=name == "rewards/accuracies")
-            metric.reset()
+    def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:
+        metrics = {name: (self.val_metrics[name.replace("/", "_")], name == "rewards/accuracies") for name in METRICS}
+        return {"loss": (self.val_loss, True), **metrics}
 
     # --- the precomputed reference ----------------------------------------------------------------------------
     def _reference_table(self, split: str) -> Tensor:
@@ -213,12 +216,18 @@ class DPOModule(L.LightningModule):
         per_rank = -(-len(examples) // world)
         shard = list(range(rank, len(examples), world))
         shard += shard[-1:] * (per_rank - len(shard)) if shard else [0] * per_rank  # equal forwards on every rank
+        # Longest pairs first, so each batch pads little (and an out-of-memory error comes at once).
+        shard.sort(key=lambda i: -len(examples[i]["prompt_ids"]) - max(len(examples[i]["chosen_ids"]),
+                                                                           len(examples[i]["rejected_ids"])))
+        size = self.hparams.reference_batch_size or 4 * batch_size  # no activations kept: larger batches fit
         values = []
-        for start in range(0, len(shard), batch_size):
-            batch = collate([examples[i] for i in shard[start:start + batch_size]])
+        quiet = rank != 0 or (trainer is not None and trainer.progress_bar_callback is None)
+        for start in tqdm(range(0, len(shard), size), desc=f"Reference log-probs ({len(examples)} pairs)",
+                          disable=quiet, leave=False):
+            batch = collate([examples[i] for i in shard[start:start + size]])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             with reference_context(self.policy) if is_peft(self.policy) else contextlib.nullcontext():
-                logps = self._logps(self.policy, batch)  # (2b,)
+                logps = self._reference_pass_logps(batch)  # (2b,)
             values.append(logps.view(2, -1).T.float())  # (b, 2)
         local, index = torch.cat(values), torch.tensor(shard, device=self.device)
         if world > 1:
@@ -233,15 +242,22 @@ class DPOModule(L.LightningModule):
                  f", cached at {path}" if path and rank == 0 else "")
         return table
 
+    def _reference_pass_logps(self, batch: dict[str, Tensor]) -> Tensor:
+        """``_logps`` (2B,) with the LM head only where a completion token is predicted; the plain forward for a model
+        that takes no boolean ``logits_to_keep`` (found on the first batch, remembered)."""
+        logps = masked_completion_logps(self.policy, batch, self.hparams.average_logprobs) if self._masked else None
+        self._masked = logps is not None
+        return logps if logps is not None else self._logps(self.policy, batch)
+
     def _model_fingerprint(self) -> str:
         """Hash of the reference weights (a strided sample of each base tensor) and of what changes the values."""
         h = hashlib.sha256(repr((self.hparams.average_logprobs, getattr(self._trainer, "precision", None))).encode())
         for name, param in self.policy.named_parameters():
             if "lora_" in name:  # adapters are disabled in the reference pass
                 continue
-            flat = param.detach().reshape(-1)
+            flat = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().reshape(-1)  # FSDP2
             h.update(f"{name}{tuple(param.shape)}".encode())
-            h.update(flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+            h.update(flat[:: max(1, flat.numel() // 4096)].to(torch.float32, copy=True).cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -255,17 +271,10 @@ class DPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
-        if self.mode == "disabled_adapter" and not is_peft(self.policy):
+        policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+        if self.mode == "disabled_adapter" and not is_peft(policy):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "
                              "reference_mode 'frozen_copy' or 'precomputed'.")
-        if self.mode == "frozen_copy":
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimization(self, self.policy.parameters(), self.optimizer_factory, self.scheduler_factory)
-
-    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
-        """Write the policy as a Hugging Face folder that plain transformers loads. Under sharding, call on every
-        rank (weights are gathered collectively); ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+        if self.mode == "frozen_copy":  # copied before sharding; under ModelParallelStrategy both are FSDP2-sharded
+            self.reference = fsdp2_shard(copy.deepcopy(policy).eval().requires_grad_(False), self.device_mesh)
+        self.policy = fsdp2_shard(policy, self.device_mesh)

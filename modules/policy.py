@@ -9,6 +9,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -74,6 +75,31 @@ def completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Ten
                    use_cache=False).logits[:, :-1]  # (B, T - c, V)
     targets = input_ids[:, first:]
     return logprobs_from_logits(logits, targets), completion_mask[:, first:]
+
+
+def masked_completion_logps(model: nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor | None:
+    """Summed (or mean) completion log-probs of every row, ``(B,)``, computing logits only at the positions that
+    predict a completion token: no prompt or padding position reaches the LM head (`completion_logprobs` keeps a
+    rectangle from the first completion column on). For no-grad passes (DPO's precomputed reference).
+
+    Returns None for a model that does not take a boolean ``logits_to_keep`` mask (transformers' ``(B, T)`` form);
+    the caller falls back to `completion_logprobs`.
+    """
+    targets = batch["completion_mask"][:, 1:].bool()  # (B, T-1): tokens 1.. scored, as in completion_logprobs
+    predictors = F.pad(targets, (0, 1))  # (B, T): position t - 1 predicts token t
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=position_ids_from_mask(batch["attention_mask"]), logits_to_keep=predictors,
+                   use_cache=False).logits  # (N, V), N completion tokens of the batch
+    n = int(targets.sum())
+    if logits.dim() != 2 or logits.shape[0] != n:
+        return None
+    labels = batch["input_ids"][:, 1:][targets]  # (N,)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # as logprobs_from_logits
+    token = torch.cat([(c := chunk.to(dtype)).gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(c, -1)
+                       for chunk, y in zip(logits.split(4096), labels.split(4096))])  # one upcast chunk at a time
+    rows = targets.nonzero()[:, 0]  # (N,) the row of each token, row-major like the mask selection
+    total = torch.zeros(targets.shape[0], dtype=token.dtype, device=token.device).index_add_(0, rows, token)
+    return total / targets.sum(-1).clamp(min=1) if average else total
 
 
 @contextlib.contextmanager

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from transformers import PreTrainedTokenizerBase
 
-from modules.export import save_pretrained
-from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
-from modules.optim import adamw, build_optimization
+from modules.base import AlignmentModule
+from modules.models import ModelSpec
+from modules.optim import adamw
 from modules.policy import completion_logprobs, sequence_logprobs
 from modules.ranking_losses import RRHFLoss, ranking_accuracy
 
 LOSS_METRICS = ("loss", "rank_loss", "sft_loss")
 
 
-class RankingModule(L.LightningModule):
+class RankingModule(AlignmentModule):
     """Align a causal LM policy with rankings of k >= 2 scored responses per prompt; no reference model.
 
     Every real response of the ``(B, k, T)`` batch (`datamodules.ranking.RankingDataModule`) goes through the policy
@@ -38,6 +35,8 @@ class RankingModule(L.LightningModule):
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
     """
 
+    policy: nn.Module | None  # built in configure_model (`AlignmentModule.build_network`)
+
     def __init__(
         self,
         model: ModelSpec,
@@ -47,12 +46,8 @@ class RankingModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         max_length: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler", "loss"])
-        self.spec, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
         self.loss = loss if loss is not None else RRHFLoss()
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.policy: nn.Module | None = None
         self.val_losses = nn.ModuleDict({name: MeanMetric() for name in LOSS_METRICS})
         self.val_accuracy = MeanMetric()  # weighted by the number of ordered pairs
 
@@ -96,32 +91,6 @@ class RankingModule(L.LightningModule):
         if pairs > 0:
             self.val_accuracy.update(correct / pairs, weight=pairs)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
-
-    def _log_epoch(self, stage: str) -> None:
-        for name, metric in self.val_losses.items():
-            self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == "loss")
-            metric.reset()
-        self.log(f"{stage}/rank/accuracy", self.val_accuracy.compute(), prog_bar=True)
-        self.val_accuracy.reset()
-
-    # --- setup ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.policy is None:
-            self.policy = fsdp2_shard(build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length),
-                                      self.device_mesh)  # FSDP2 under ModelParallelStrategy, else unchanged
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimization(self, self.policy.parameters(), self.optimizer_factory, self.scheduler_factory)
-
-    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
-        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
-        call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+    def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:
+        metrics = {name: (metric, name == "loss") for name, metric in self.val_losses.items()}
+        return {**metrics, "rank/accuracy": (self.val_accuracy, True)}

@@ -6,24 +6,21 @@ and that PPO uses as its reward model and to initialize its critic (`modules.sca
 
 from __future__ import annotations
 
-from typing import Any
-
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryAccuracy
 from transformers import PreTrainedTokenizerBase
 
-from modules.export import save_pretrained
+from modules.base import AlignmentModule
 from modules.losses import PairwiseRewardLoss
 from modules.models import ModelSpec
-from modules.optim import adamw, build_optimization
+from modules.optim import adamw
 from modules.scalar_models import build_scalar_model, sequence_scores
 
 
-class RewardModule(L.LightningModule):
+class RewardModule(AlignmentModule):
     """Pairwise reward modelling: ``loss = -log sigmoid(r_c - r_r - m) [+ center_coef (r_c + r_r)^2]``.
 
     Batches are `datamodules.preference.PreferenceDataModule` batches: ``(2B, T)`` with the chosen rows first and an
@@ -40,6 +37,9 @@ class RewardModule(L.LightningModule):
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
     """
 
+    network_attr = "model"
+    model: nn.Module | None  # the scalar model, built in configure_model
+
     def __init__(
         self,
         model: ModelSpec,
@@ -50,12 +50,8 @@ class RewardModule(L.LightningModule):
         use_margin: bool = True,
         max_length: int | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler", "loss"])
-        self.spec, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
         self.loss = loss if loss is not None else PairwiseRewardLoss()
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.model: nn.Module | None = None
         self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
         self.val_accuracy = BinaryAccuracy()
 
@@ -90,12 +86,9 @@ class RewardModule(L.LightningModule):
         self.val_margin.update(margins)
         self.val_accuracy.update((margins > 0).long(), torch.ones_like(margins, dtype=torch.long))
 
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log("val/rewards/accuracies", self.val_accuracy.compute(), prog_bar=True)
-        self.log("val/rewards/margins", self.val_margin.compute())
-        for metric in (self.val_loss, self.val_margin, self.val_accuracy):
-            metric.reset()
+    def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:
+        return {"loss": (self.val_loss, True), "rewards/accuracies": (self.val_accuracy, True),
+                "rewards/margins": (self.val_margin, False)}
 
     # --- prediction -------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -103,14 +96,6 @@ class RewardModule(L.LightningModule):
         return self(batch["input_ids"], batch["attention_mask"])
 
     # --- setup ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is None:
-            self.model = build_scalar_model(self.spec, self.tokenizer, self.hparams.max_length)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimization(self, self.model.parameters(), self.optimizer_factory, self.scheduler_factory)
-
-    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
-        """Write an ``AutoModelForSequenceClassification`` folder (num_labels=1) with the tokenizer; under sharding,
-        call on every rank, ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.model, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+    def build_network(self) -> nn.Module:
+        """A causal-LM backbone with a fresh scalar head; exports as ``AutoModelForSequenceClassification``."""
+        return build_scalar_model(self.spec, self.tokenizer, self.hparams.max_length)

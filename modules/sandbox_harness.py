@@ -1,6 +1,7 @@
 """Child side of the sandbox: imported by ``python -I -S -c`` (see `modules.execution`), job spec on stdin (marshal).
 
-Standard library only, imported from its cached bytecode (a script would be recompiled every launch). Process tree:
+Standard library only, imported from its cached bytecode (a script would be recompiled every launch); its libc calls
+and mount set-up are in `modules/sandbox_kernel.py`. Process tree:
 H (this script, root) -> unshare(net, mount, pid) -> fork I (pid 1 of the new namespace, drops to the sandbox uid)
 -> fork G per test unit (runs the untrusted program). I writes one JSON record per unit to stdout, then ``{"end": n}``.
 """
@@ -14,30 +15,15 @@ import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 SIGKILL = 9  # not `import signal`: it pulls in enum, functools, collections (7 ms of a 25 ms launch)
-_libc = None
 
+if __package__:  # imported as part of the package (docs, import checks)
+    from modules import sandbox_kernel as kernel
+else:  # imported by the sandbox, with this folder on sys.path for the duration of the import
+    import sandbox_kernel as kernel
 
-def _libc_handle():
-    global _libc
-    if _libc is None:
-        import ctypes
-
-        _libc = ctypes.CDLL(None, use_errno=True)
-    return _libc
-
-
-def _c(name, *args):
-    """Call a libc function through ctypes; raise OSError with errno on failure."""
-    args = [a.encode() if isinstance(a, str) else a for a in args]
-    if getattr(_libc_handle(), name)(*args) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, f"{name}{tuple(args)}: {os.strerror(err)}")
+_libc_handle = kernel.libc_handle  # the fork server loads libc through this name once, before it forks
 
 
 def _emit(record):
@@ -45,34 +31,6 @@ def _emit(record):
     data = (repr(record) + "\n").encode()
     while data:
         data = data[os.write(1, data):]
-
-
-def _setup_mounts(spec):
-    """In the new mount namespace: private propagation, fresh tmpfs over writable dirs, hide paths, new /proc."""
-    _c("mount", None, "/", None, MS_REC | MS_PRIVATE, None)
-    size = f"size={int(spec.get('tmpfs_mb', 64))}m"
-    owner = f",uid={spec['uid']},gid={spec['gid']}" if spec.get("uid") is not None else ""
-    # The work dir becomes a size-capped tmpfs: the host disk never sees the program's files, however many.
-    _c("mount", "tmpfs", spec["workdir"], "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=700" + owner)
-    os.chdir(spec["workdir"])  # keep a handle on the work dir before a tmpfs over /tmp may cover its path
-    expose = [(p, os.open(p, os.O_PATH)) for p in spec.get("expose", []) if os.path.isdir(p)]
-    for path in spec.get("tmpfs", []):
-        if os.path.isdir(path):
-            _c("mount", "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=1777")
-    for path in spec.get("hide", []):
-        if not os.path.isdir(path):
-            continue
-        _c("mount", "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-        for target, fd in expose:
-            if target.startswith(path.rstrip("/") + "/"):
-                os.makedirs(target, exist_ok=True)
-                _c("mount", f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC, None)
-                _c("mount", None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-        _c("mount", None, path, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
-    for _, fd in expose:
-        os.close(fd)
-    if spec["ns"].get("pid"):
-        _c("mount", "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
 
 
 def _drop_privileges(spec):
@@ -85,9 +43,9 @@ def _drop_privileges(spec):
         os.setresgid(spec["gid"], spec["gid"], spec["gid"])
         os.setresuid(spec["uid"], spec["uid"], spec["uid"])
     if spec["ns"].get("pid"):
-        _c("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # H dies -> I dies -> the namespace dies
-    _c("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # G (same uid) cannot ptrace I or open /proc/<I>/fd
-    _c("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        kernel.call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # H dies -> I dies -> the namespace dies
+    kernel.call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # G (same uid) cannot ptrace I or open /proc/<I>/fd
+    kernel.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sys.path.extend(spec.get("sys_path", []))
     for name in spec.get("preimport", []):
         try:
@@ -107,8 +65,8 @@ def _run_program(spec, unit_input, rec_fd):
     import builtins
     import io
 
-    if _libc is not None:
-        _c("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # I stays undumpable; G may read its own /proc entries
+    if kernel.libc_loaded():
+        kernel.call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # I stays undumpable; G may read its own /proc entries
     if not hasattr(builtins, "exit"):  # `site` defines exit()/quit(), and -S skips site; solutions call them
         builtins.exit = builtins.quit = sys.exit
 
@@ -250,9 +208,9 @@ def _run_unit(spec, index, unit_input):
 def _init_main(spec):
     """Body of I: mounts (still root), drop privileges, run the units in order."""
     if spec["ns"].get("pid"):
-        _c("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # again after setuid, which clears it
+        kernel.call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # again after setuid, which clears it
     if spec["ns"].get("mount"):
-        _setup_mounts(spec)
+        kernel.setup_mounts(spec)
     else:
         os.chdir(spec["workdir"])
     _drop_privileges(spec)
@@ -284,7 +242,7 @@ def main():
     flags = (CLONE_NEWNET if ns.get("net") else 0) | (CLONE_NEWNS if ns.get("mount") else 0)
     flags |= (CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) if ns.get("pid") else 0
     if flags:
-        _c("unshare", flags)
+        kernel.call("unshare", flags)
     if not ns.get("pid"):
         _init_main(spec)
         return 0

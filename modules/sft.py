@@ -6,20 +6,19 @@ import math
 import time
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from modules.export import save_pretrained
+from modules.base import AlignmentModule
 from modules.generation import sample
-from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
-from modules.optim import adamw, build_optimization
+from modules.models import ModelSpec
+from modules.optim import adamw
 from modules.policy import completion_logprobs
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(AlignmentModule):
     """Negative log-likelihood of the response given the prompt.
 
     ``loss = -sum_t m_t log pi(y_t | y_<t) / sum_t m_t`` over the response mask ``m`` of the micro-batch
@@ -36,6 +35,8 @@ class SFTModule(L.LightningModule):
         max_new_tokens, temperature: generation settings of ``predict`` (``temperature=0``: greedy).
     """
 
+    policy: torch.nn.Module | None  # built in configure_model (`AlignmentModule.build_network`)
+
     def __init__(
         self,
         model: ModelSpec,
@@ -47,11 +48,7 @@ class SFTModule(L.LightningModule):
         max_new_tokens: int = 128,
         temperature: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "optimizer", "scheduler"])
-        self.spec, self.tokenizer = model, tokenizer
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.policy: torch.nn.Module | None = None
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
         self.val_nll = MeanMetric()  # token-weighted, synced across processes
         self._step_start = 0.0
 
@@ -75,7 +72,7 @@ class SFTModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, tokens = self._nll(batch)
+        loss, _ = self._nll(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self._tokens = int(batch["attention_mask"].sum())
         return loss
@@ -90,16 +87,8 @@ class SFTModule(L.LightningModule):
         loss, tokens = self._nll(batch)
         self.val_nll.update(loss.detach(), weight=tokens)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_nll("val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_nll("test")
-
-    def _log_nll(self, stage: str) -> None:
+    def log_epoch_metrics(self, stage: str) -> None:
+        """``<stage>/loss`` (token-weighted NLL) and ``<stage>/ppl`` (its exponential, capped at e^50)."""
         nll = self.val_nll.compute()
         self.log(f"{stage}/loss", nll, prog_bar=True)
         self.log(f"{stage}/ppl", torch.exp(nll.clamp(max=50)) if math.isfinite(float(nll)) else nll)
@@ -113,17 +102,3 @@ class SFTModule(L.LightningModule):
                      tok.pad_token_id, temperature=hp.temperature)
         texts = tok.batch_decode(gen.response_ids * gen.response_mask, skip_special_tokens=True)
         return [{"prompt": p, "response": r} for p, r in zip(batch["prompts"], texts)]
-
-    # --- setup ------------------------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.policy is None:
-            self.policy = fsdp2_shard(build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length),
-                                      self.device_mesh)  # FSDP2 under ModelParallelStrategy, else unchanged
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimization(self, self.policy.parameters(), self.optimizer_factory, self.scheduler_factory)
-
-    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
-        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
-        call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)

@@ -7,8 +7,7 @@ Run: ``python -m recipes.paper.synthetic --seeds 5 --out docs/img`` (CPU, about 
 from __future__ import annotations
 
 import argparse
-import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from modules.losses import DPOLoss, PairwiseRewardLoss, PPOPolicyLoss
 from modules.rl_utils import kl_penalized_rewards, masked_whiten
+from recipes.paper.synthetic_report import format_markdown, plot
 
 
 @dataclass(frozen=True)
@@ -222,66 +222,6 @@ def run_seed(seed: int, config: SyntheticConfig = SyntheticConfig()) -> SeedResu
 def run_synthetic(seeds: int = 5, config: SyntheticConfig = SyntheticConfig()) -> list[SeedResult]:
     """``run_seed`` for seeds 0 .. seeds - 1."""
     return [run_seed(seed, config) for seed in range(seeds)]
-
-
-def _mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
-
-
-def format_markdown(results: list[SeedResult]) -> str:
-    """Mean ± std over seeds of each statistic, one row per policy."""
-    lines = [
-        f"| policy ({len(results)} seeds) | out-of-data mass | pi(optimal y) | diagonal accuracy |",
-        "|---|---|---|---|",
-    ]
-    labels = dict(reference="pi_ref", dpo="DPO", ppo="PPO (learned RM)", kl_optimum="closed-form KL optimum of the RM")
-    for name in ("reference", "dpo", "ppo", "kl_optimum"):
-        stats = [asdict(getattr(result, name)) for result in results]
-        cells = [
-            _mean_std([s[key] for s in stats]) for key in ("out_of_data_mass", "diagonal_prob", "diagonal_accuracy")
-        ]
-        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    lines.append(
-        f"\nFinal DPO loss: {_mean_std([r.dpo_final_loss for r in results])}; "
-        f"reward model pair accuracy: {_mean_std([r.reward_pair_accuracy for r in results])}"
-    )
-    return "\n".join(lines)
-
-
-def plot(results: list[SeedResult], config: SyntheticConfig, path: Path) -> None:
-    """Bar chart of out-of-data mass over seeds, and seed 0's pi(y | x) tables with the data's coverage outlined."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    names, keys = ["pi_ref", "DPO", "PPO"], ["reference", "dpo", "ppo"]
-    for metric, offset, label in (
-        ("out_of_data_mass", -0.2, "out-of-data mass"),
-        ("diagonal_prob", 0.2, "pi(optimal y)"),
-    ):
-        values = [[getattr(getattr(r, key), metric) for r in results] for key in keys]
-        means = [statistics.mean(v) for v in values]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        axes[0].bar([i + offset for i in range(3)], means, width=0.4, yerr=stds, capsize=3, label=label)
-    axes[0].set_xticks(range(3), names)
-    axes[0].set_ylim(0, 1)
-    axes[0].legend(loc="upper left", fontsize=8)
-    axes[0].set_title(f"mean ± std over {len(results)} seeds")
-    in_data = in_data_mask(config)
-    for ax, name in zip(axes[1:], names, strict=True):
-        ax.imshow(results[0].tables[name], vmin=0, vmax=1, cmap="Blues")
-        for i, j in in_data.nonzero().tolist():
-            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="orange", lw=1.2))
-        ax.set_title(f"{name}: pi(y | x), seed 0")
-        ax.set_xlabel("response y (orange: in preference data)")
-        ax.set_ylabel("prompt x")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:

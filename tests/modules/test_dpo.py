@@ -3,6 +3,7 @@ adapter, metric names, and the tiny config learning the built-in preference rule
 
 import copy
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from datamodules.preference import PreferenceDataModule
 from modules.dpo import METRICS, DPOModule
 from modules.losses import DPOLoss
 from modules.models import LoRASpec, ModelSpec
+from modules.policy import masked_completion_logps
 from recipes.__main__ import cli_main
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
@@ -100,13 +102,46 @@ def test_precomputed_cache_is_reused_and_keyed_by_data(data, tmp_path, monkeypat
     files = sorted(tmp_path.glob("ref_logps-*.pt"))
     assert len(files) == 2  # train and validation
     first = {k: v.clone() for k, v in module.reference_logps.items()}
-    monkeypatch.setattr(module, "_logps", lambda *a, **k: pytest.fail("recomputed despite the cache"))
+    monkeypatch.setattr(module, "_reference_pass_logps", lambda *a, **k: pytest.fail("recomputed despite the cache"))
     module.precompute_reference(data)
     for split, table in first.items():
         torch.testing.assert_close(module.reference_logps[split], table)
     data.train_set = data.train_set[:-1]  # other data -> another key -> a recompute
     with pytest.raises(pytest.fail.Exception):
         module.precompute_reference(data)
+
+
+def test_reference_pass_closed_form_with_a_zero_head_and_logits_only_at_completion_tokens(data):
+    """With the LM head zeroed every logit is 0, so every token's log-prob is -log V (V = vocab size): a row sums to
+    -n log V over its n response tokens (the mean is -log V). The head sees exactly the sum of the response lengths
+    (no prompt or padding position), here 2 pairs, chosen and rejected."""
+    module = DPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=data.tokenizer, cache_reference=False)
+    module.configure_model()
+    head = module.policy.get_output_embeddings()
+    torch.nn.init.zeros_(head.weight)
+    seen = []
+    head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[0]))
+    pairs = data.train_set[:2]
+    lengths = torch.tensor([len(p[k]) for k in ("chosen_ids", "rejected_ids") for p in pairs], dtype=torch.float)
+    log_v = math.log(module.policy.config.vocab_size)
+    with torch.no_grad():
+        total = masked_completion_logps(module.policy, data.collate(pairs))
+        mean = masked_completion_logps(module.policy, data.collate(pairs), average=True)
+    torch.testing.assert_close(total, -lengths * log_v, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(mean, torch.full((4,), -log_v), atol=1e-5, rtol=1e-5)
+    assert seen == [int(lengths.sum())] * 2
+
+
+def test_reference_pass_sorted_larger_batches_equal_one_pair_at_a_time(data):
+    """The pass sorts pairs by length and runs batches of ``reference_batch_size`` (5 here: uneven last batch); each
+    row of the table still equals that pair's log-probs computed alone by the training forward (`_logps`)."""
+    module = DPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=data.tokenizer,
+                       reference_mode="precomputed", cache_reference=False, reference_batch_size=5)
+    module.configure_model()
+    module.precompute_reference(data)
+    with torch.no_grad():
+        alone = torch.stack([module._logps(module.policy, data.collate([p])) for p in data.train_set])  # (N, 2)
+    torch.testing.assert_close(module.reference_logps["train"], alone, atol=1e-4, rtol=1e-5)
 
 
 def test_precomputed_fit_checkpoints_the_table_and_resume_reuses_it(data, tmp_path):

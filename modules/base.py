@@ -1,0 +1,107 @@
+"""AlignmentModule: the wiring every training LightningModule shares (model spec, tokenizer, optimizer and scheduler
+factories, hyperparameters, the epoch-end metric logging, the Hugging Face export); each algorithm adds its math."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import Metric
+from transformers import PreTrainedTokenizerBase
+
+from modules.export import save_pretrained
+from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
+from modules.optim import adamw, build_optimization
+
+# Constructor arguments kept out of the saved hyperparameters: objects, not settings (the YAML holds their config).
+NOT_HPARAMS = ("tokenizer", "optimizer", "scheduler", "loss")
+
+
+class AlignmentModule(L.LightningModule):
+    """Base of `SFTModule`, `DPOModule`, `RewardModule` and `RankingModule`: one trained network built from a
+    `modules.models.ModelSpec` in ``configure_model`` and held as ``self.<network_attr>``.
+
+    A subclass keeps its own typed ``__init__`` (the YAML keys) and passes the shared arguments up; every argument
+    of the subclass's ``__init__`` except ``NOT_HPARAMS`` is saved as a hyperparameter. It lists the metrics its
+    ``validation_step`` updates in ``epoch_metrics``; they are logged as ``val/<name>`` (or ``test/<name>``, since
+    ``test_step`` runs ``validation_step``) and reset at the end of each epoch.
+
+    Args:
+        model: the network to build (`modules.models.ModelSpec`), built in ``configure_model`` so strategies can
+            shard it at initialization.
+        tokenizer: the data's tokenizer (linked by the CLI); gives vocabulary size and special ids to random models
+            and is saved with the export.
+        optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
+        max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+    """
+
+    network_attr = "policy"  # the attribute holding the trained network
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        # Lightning collects the arguments of every __init__ on the stack, so the subclass's own are saved too.
+        self.save_hyperparameters(ignore=list(NOT_HPARAMS))
+        self.spec, self.tokenizer = model, tokenizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        setattr(self, self.network_attr, None)
+
+    @property
+    def network(self) -> nn.Module | None:
+        """The trained network (``self.policy``, or ``self.model`` for the reward model); None before it is built."""
+        return getattr(self, self.network_attr)
+
+    # --- validation and test ----------------------------------------------------------------------------------
+    def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:
+        """``{name: (metric, shown in the progress bar)}``: what ``validation_step`` accumulates."""
+        return {}
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
+
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log every epoch metric as ``<stage>/<name>`` (synced across processes by torchmetrics), then reset it."""
+        for name, (metric, prog_bar) in self.epoch_metrics().items():
+            self.log(f"{stage}/{name}", metric.compute(), prog_bar=prog_bar)
+            metric.reset()
+
+    # --- setup ------------------------------------------------------------------------------------------------
+    def build_network(self) -> nn.Module:
+        """The network to train: a causal LM, FSDP2-sharded under ``ModelParallelStrategy`` (else unchanged)."""
+        return fsdp2_shard(build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length), self.device_mesh)
+
+    def configure_model(self) -> None:
+        if self.network is None:  # Lightning may call this more than once
+            setattr(self, self.network_attr, self.build_network())
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """``trainer.gradient_clip_val`` by norm under ``FSDPStrategy`` too, whose precision plugin refuses it: the
+        FSDP root clips the norm over every rank's shards. Elsewhere Lightning's own clipping."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and \
+                type(self.trainer.strategy).__name__ == "FSDPStrategy":
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimization(self, self.network.parameters(), self.optimizer_factory, self.scheduler_factory)
+
+    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
+        """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
+        call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""
+        return save_pretrained(self.network, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
