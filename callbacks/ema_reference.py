@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from modules.distributed import reshard
 from modules.models import is_peft
 from modules.policy import add_frozen_adapter, adapter_pairs, readd_adapter_before_load
 
@@ -23,6 +24,8 @@ class EMAReference(Callback):
 
     - Full fine-tuning: the module's ``reference`` attribute, a frozen ``nn.Module`` with the policy's parameter
       names, is updated in place (``torch.lerp``).
+    - Sharded (FSDP2 / ``ModelParallelStrategy``): policy and reference are sharded alike, so each rank averages its
+      local shards (``DTensor.to_local``) in place; nothing is gathered, and the reference stays sharded.
     - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy and
       initialized from the policy's adapter at the start of fit; the module's ``reference_adapter`` is set to it so
       that it runs its reference through ``modules.policy.reference_context(policy, reference_adapter)``. Only the
@@ -88,6 +91,8 @@ class EMAReference(Callback):
                                 "`reference` module to average into.")
             ref_params = dict(reference.named_parameters())
             self._pairs = [(ref_params[name], p) for name, p in policy.named_parameters()]
+        for index, (ref, param) in enumerate(self._pairs):
+            local_pair(index, ref, param)  # fail at the start, not after the first step, on mismatched sharding
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -98,9 +103,11 @@ class EMAReference(Callback):
         step = trainer.global_step
         if step == self.last_updated_step or not self.should_update(step):
             return
+        reshard(pl_module)  # FSDP2: a root kept gathered after its forward would not see the updated shards
         with torch.no_grad():
-            refs = [r for r, _ in self._pairs]
-            torch._foreach_lerp_(refs, [p.detach().to(r.dtype) for r, p in self._pairs], self.eta)
+            # FSDP2 may re-point a DTensor's local storage at lazy init, so the shards are looked up at each update
+            pairs = [local_pair(i, r, p) for i, (r, p) in enumerate(self._pairs)]
+            torch._foreach_lerp_([r for r, _ in pairs], [p.detach().to(r.dtype) for r, p in pairs], self.eta)
         self.last_updated_step = step
 
     @override
@@ -112,3 +119,19 @@ class EMAReference(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the last updated step."""
         self.last_updated_step = int(state_dict["last_updated_step"])
+
+
+def local_pair(index: int, ref: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's part of a (reference, policy) parameter pair: the local shards of two DTensors sharded alike (an
+    in-place lerp on them updates the sharded reference, with no gather), or the tensors themselves."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(ref, DTensor) != isinstance(param, DTensor):
+        raise TypeError(f"EMAReference: parameter #{index} is sharded in only one of reference and policy; shard "
+                        "both alike (configure_model applies the same fsdp2_shard to each).")
+    if not isinstance(ref, DTensor):
+        return ref, param
+    if ref.placements != param.placements or ref.shape != param.shape:
+        raise ValueError(f"EMAReference: parameter #{index} is sharded differently in reference ({ref.placements}, "
+                         f"{tuple(ref.shape)}) and policy ({param.placements}, {tuple(param.shape)}).")
+    return ref.to_local(), param.to_local()

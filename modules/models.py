@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -113,7 +116,8 @@ def _pretrained_model(spec: ModelSpec, **extra: Any) -> PreTrainedModel:
     if spec.load_in_4bit:
         kwargs["quantization_config"] = _quantization_config(spec)
     try:
-        return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
+        with _transformers_knows_zero3():
+            return AutoModelForCausalLM.from_pretrained(spec.name_or_path, **kwargs)
     except OSError as e:
         local = os.path.exists(str(spec.name_or_path))
         raise FileNotFoundError(
@@ -123,6 +127,22 @@ def _pretrained_model(spec: ModelSpec, **extra: Any) -> PreTrainedModel:
             "holding config.json and the weights: download it once on a connected machine with "
             "`huggingface-cli download <id> --local-dir <folder>`, or save one with `save_pretrained`."
         ) from e
+
+
+@contextmanager
+def _transformers_knows_zero3() -> Iterator[None]:
+    """Inside an active ``deepspeed.zero.Init`` (Lightning's DeepSpeedStrategy with ``stage: 3`` runs
+    ``configure_model`` in one), tell transformers that ZeRO-3 is on, so ``from_pretrained`` loads each weight into
+    its partitioned parameter; without this it fails with a size mismatch. No-op elsewhere."""
+    zero = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if zero is None or getattr(zero, "zero_init_context", 0) == 0:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    yield  # transformers keeps only a weak reference to it: ``config`` must live until the load is done
+    del config
 
 
 def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None,

@@ -14,15 +14,17 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from modules.distributed import (all_reduce_sum, fsdp2_shard_scalar, global_masked_whiten, update_global_moments,
+                                 world_size)
 from modules.export import save_pretrained
 from modules.generation import response_logprobs, response_values, sample
 from modules.losses import PPOPolicyLoss, PPOValueLoss
-from modules.models import ModelSpec, build_causal_lm, is_peft
+from modules.models import ModelSpec, build_causal_lm, fsdp2_shard, is_peft
 from modules.optim import adamw, build_optimization
-from modules.policy import reference_context
 from modules.rewards import RewardFunction
 from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
-                              masked_mean, masked_whiten, terminal_scores)
+                              masked_mean, terminal_scores)
+from modules.rollout import rollout_forwards, sample_in_chunks
 from modules.scalar_models import build_scalar_model, check_critic_tokenizer
 from modules.types import Generation, PromptBatch, Trajectory
 
@@ -156,15 +158,11 @@ class PPOModule(L.LightningModule):
         """
         hp, tok = self.hparams, self.tokenizer
         prompt_ids, prompt_mask, n = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0]
-        # 2. generate
-        start, chunk, gens = time.perf_counter(), hp.generation_batch_size or n, []
-        for i in range(0, n, chunk):
-            gens.append(self({"input_ids": prompt_ids[i:i + chunk], "attention_mask": prompt_mask[i:i + chunk]}))
-        width = max(g.response_ids.shape[1] for g in gens)
-        response_ids = torch.cat([nn.functional.pad(g.response_ids, (0, width - g.response_ids.shape[1]),
-                                                    value=tok.pad_token_id) for g in gens])
-        mask = torch.cat([nn.functional.pad(g.response_mask, (0, width - g.response_mask.shape[1])) for g in gens])
-        ended = torch.cat([g.ended_with_eos for g in gens])
+        # 2. generate (under FSDP2 on weights gathered once, so ranks may stop at different lengths)
+        start = time.perf_counter()
+        response_ids, mask, ended = sample_in_chunks(
+            self.policy, lambda ids, att: self({"input_ids": ids, "attention_mask": att}), prompt_ids, prompt_mask,
+            hp.generation_batch_size or n, tok.pad_token_id)
         gen_s = time.perf_counter() - start
         # 3. score
         start = time.perf_counter()
@@ -172,7 +170,7 @@ class PPOModule(L.LightningModule):
         raw_scores = self.reward_fn(batch["prompts"], texts, batch.get("metadata")).to(self.device).float()
         scores = raw_scores
         if hp.normalize_rewards:
-            self.reward_moments.update(raw_scores)
+            update_global_moments(self.reward_moments, raw_scores)  # every rank's scores: the same moments
             scores = (raw_scores - self.reward_moments.mean) / max(self.reward_moments.std, 1e-8)
         scores = terminal_scores(scores, ended, hp.missing_eos_penalty, hp.reward_clip)  # (B,)
         score_s = time.perf_counter() - start
@@ -180,7 +178,9 @@ class PPOModule(L.LightningModule):
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)
         P = prompt_ids.shape[1]
-        old_logprobs, entropy, ref_logprobs, values = self._evaluate(input_ids, attention_mask, P)
+        old_logprobs, entropy, ref_logprobs, values = rollout_forwards(
+            self.policy, self.critic, self.reference, self.reference_adapter, input_ids, attention_mask, P,
+            hp.micro_batch_size or n)
         rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
         # 5. GAE, on values in reward units
         v_mean, v_std = self._value_scale()
@@ -188,9 +188,9 @@ class PPOModule(L.LightningModule):
         # 6. normalization over the whole rollout batch
         advantage_mean = masked_mean(advantages, mask)
         if hp.normalize_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = global_masked_whiten(advantages, mask)  # over the rollout of every rank
         if hp.normalize_values:
-            self.value_moments.update(returns[mask.bool()])
+            update_global_moments(self.value_moments, returns[mask.bool()])
             raw_values = values * v_std + v_mean
             v_mean, v_std = self._value_scale()
             values, returns = (raw_values - v_mean) / v_std * mask, (returns - v_mean) / v_std * mask
@@ -207,25 +207,6 @@ class PPOModule(L.LightningModule):
         return Trajectory(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages,
                           returns, scores)
 
-    def _evaluate(self, input_ids: Tensor, attention_mask: Tensor, P: int) -> tuple[Tensor, ...]:
-        """Old log-probs, entropies, reference log-probs and values, ``micro_batch_size`` rows at a time."""
-        chunk, outs = self.hparams.micro_batch_size or input_ids.shape[0], []
-        modes = [(m, m.training) for m in (self.policy, self.critic, self.reference) if m is not None]
-        for m, _ in modes:
-            m.eval()
-        for i in range(0, input_ids.shape[0], chunk):
-            ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
-            logprobs, entropy = response_logprobs(self.policy, ids, att, P, with_entropy=True)
-            if self.reference is not None:
-                ref_logprobs, _ = response_logprobs(self.reference, ids, att, P)
-            else:
-                with reference_context(self.policy, self.reference_adapter):
-                    ref_logprobs, _ = response_logprobs(self.policy, ids, att, P)
-            outs.append((logprobs, entropy, ref_logprobs, response_values(self.critic, ids, att, P)))
-        for m, mode in modes:
-            m.train(mode)
-        return tuple(torch.cat(parts) for parts in zip(*outs))
-
     def _value_scale(self) -> tuple[float, float]:
         """(mean, std) that map the critic's output to reward units: running return moments, or (0, 1)."""
         if not self.hparams.normalize_values or self.value_moments.count < 2:
@@ -233,9 +214,11 @@ class PPOModule(L.LightningModule):
         return self.value_moments.mean, max(self.value_moments.std, 1e-8)
 
     def _update(self, mb: Trajectory, opts: list) -> tuple[float, ...]:
-        """One optimizer step of actor and critic on a minibatch, accumulated over micro-batches."""
+        """One optimizer step of actor and critic on a minibatch, accumulated over micro-batches. Losses are token
+        means over the minibatch rows of every rank: data parallelism averages gradients over ``world_size`` ranks, so
+        each micro-batch is weighted by ``world_size * its tokens / all ranks' tokens``; statistics are summed."""
         hp, P = self.hparams, mb.prompt_length
-        tokens = mb.response_mask.sum().clamp(min=1)
+        tokens = all_reduce_sum(mb.response_mask.sum()).clamp(min=1)
         for opt in opts:
             opt.zero_grad()
         sums = torch.zeros(5, device=self.device)
@@ -247,13 +230,13 @@ class PPOModule(L.LightningModule):
             values = response_values(self.critic, micro.input_ids, micro.attention_mask, P)
             policy_loss, approx_kl, clipfrac = self.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask)
             value_loss, value_clipfrac = self.value_loss(values, micro.values, micro.returns, mask)
-            self.manual_backward((policy_loss + value_loss) * weight)  # disjoint parameters: one backward for both
+            self.manual_backward((policy_loss + value_loss) * weight * world_size())  # disjoint: one backward
             sums += torch.stack([policy_loss, value_loss, approx_kl, clipfrac, value_clipfrac]).detach() * weight
         for opt in opts:
             if hp.max_grad_norm is not None:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             self._step(opt)
-        return tuple(sums.tolist())
+        return tuple(all_reduce_sum(sums).tolist())  # every rank sees the same approx_kl, so target_kl stops all
 
     def _step(self, opt: Any) -> None:
         """Step through the strategy (precision, FSDP, DeepSpeed) like ``LightningOptimizer.step``, without counting
@@ -291,17 +274,22 @@ class PPOModule(L.LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
-        if not is_peft(self.policy):
-            self.reference = copy.deepcopy(self.policy).requires_grad_(False).eval()
-        self.critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
-        check_critic_tokenizer(self.critic_spec, self.critic, self.tokenizer)
+        policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
+        if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
+            self.reference = fsdp2_shard(copy.deepcopy(policy).requires_grad_(False).eval(), self.device_mesh)
+        critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
+        check_critic_tokenizer(self.critic_spec, critic, self.tokenizer)
+        # FSDP2 under ModelParallelStrategy (each decoder layer one unit), else unchanged
+        self.policy, self.critic = fsdp2_shard(policy, self.device_mesh), fsdp2_shard_scalar(critic, self.device_mesh)
         if hp.disable_dropout:
             for m in self.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = 0.0
 
     def configure_optimizers(self) -> list[dict[str, Any]]:
+        if (name := type(self.trainer.strategy).__name__) in ("DeepSpeedStrategy", "FSDPStrategy"):  # fail now
+            raise ValueError(f"PPOModule cannot run under {name} (it takes one optimizer / cannot clip norms; PPO has "
+                             "two of each): use ModelParallelStrategy (FSDP2, yaml/ppo_llama2.yaml) or DDP.")
         optimizer, critic_optimizer, scheduler, critic_scheduler = self.factories
         return [build_optimization(self, self.policy.parameters(), optimizer, scheduler),
                 build_optimization(self, self.critic.parameters(), critic_optimizer, critic_scheduler)]

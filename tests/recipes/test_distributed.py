@@ -1,5 +1,7 @@
 """Two processes on CPU (gloo): DDP and FSDP2 (Lightning's ModelParallelStrategy) give the weights of one process
-on the same global batch. Opt-in marker `distributed`; each case launches `python -m recipes fit` as a user would."""
+on the same global batch, for SFT, DPO and PPO; a sharded checkpoint resumes and exports to a folder that plain
+transformers loads. Marker `distributed`; the CLI cases are also `slow` (each launches `python -m recipes fit` as a user
+would, a few steps of a tiny model; 20-90 s per run on a loaded 2-core machine)."""
 
 import json
 import os
@@ -18,64 +20,211 @@ pytestmark = pytest.mark.distributed
 STEPS = 4
 GLOBAL_BATCH = 4
 TOLERANCE = 1e-4  # float sums reordered across ranks; Adam's first steps amplify 1e-7 gradient noise to ~1e-5
+PPO_TOLERANCE = 5e-4  # PPO: rollout forwards on differently padded batches add ~1e-7 noise to every input as well
+FSDP2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+         "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
 
 
-def _can_run() -> str | None:
+def _skip_without_gloo() -> None:
     if not dist.is_available() or not dist.is_gloo_available():
-        return "torch.distributed with gloo is not available"
-    return None
+        pytest.skip("torch.distributed with gloo is not available")
+
+
+def _run(cmd: list[str], tmp_path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_RECIPES_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def _fit(tmp_path, name: str, devices: int, strategy, global_batch: int = GLOBAL_BATCH,
-         config: str = "yaml/tiny/sft.yaml", extra: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+         config: str = "yaml/tiny/sft.yaml", extra: tuple[str, ...] | None = None, steps: int = STEPS,
+         callbacks: tuple[dict, ...] = (), batch_arg: str = "batch_size") -> dict[str, torch.Tensor]:
     out = tmp_path / name
     export = {"class_path": "callbacks.hf_export.HFExport", "init_args": {"dirpath": str(out / "hf")}}
     if extra is None:  # SFT: a per-rank mean of per-sequence means is exact
-        extra = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200")
+        extra = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200",
+                 "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0")
+    checkpointing = any("ModelCheckpoint" in c["class_path"] for c in callbacks)
     cmd = [sys.executable, "-m", "recipes", "fit", "--config", config,
-           "--trainer.max_steps", str(STEPS), "--trainer.devices", str(devices),
+           "--trainer.max_steps", str(steps), "--trainer.devices", str(devices),
            "--trainer.strategy", json.dumps(strategy) if isinstance(strategy, dict) else strategy,
            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-           "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
-           "--trainer.default_root_dir", str(out), "--trainer.callbacks", json.dumps([export]),
-           "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0",
-           "--data.init_args.batch_size", str(global_batch // devices), *extra]
-    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_RECIPES_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+           "--trainer.enable_checkpointing", str(checkpointing).lower(), "--trainer.limit_val_batches", "0",
+           "--trainer.default_root_dir", str(out), "--trainer.callbacks", json.dumps([*callbacks, export]),
+           f"--data.init_args.{batch_arg}", str(global_batch // devices), *extra]
+    _run(cmd, tmp_path)
     return load_file(out / "hf" / "model.safetensors")
 
 
+def _assert_same(double: dict, single: dict, tolerance: float, label: str) -> None:
+    assert single.keys() == double.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(double[name], value, atol=tolerance, rtol=tolerance, msg=f"{label}: {name}")
+
+
+def _gap(a: dict, b: dict) -> float:
+    return max((a[k] - v).abs().max().item() for k, v in b.items())
+
+
+@pytest.mark.slow
 def test_ddp_and_fsdp2_match_one_process(tmp_path):
     """Same global batch of 4: one process x 4, DDP 2 x 2, FSDP2 2 x 2 end with the same weights (to 1e-4), while
     a control run on a different global batch (2) ends measurably elsewhere, so the comparison has teeth."""
-    if reason := _can_run():
-        pytest.skip(reason)
+    _skip_without_gloo()
     single = _fit(tmp_path, "single", 1, "auto")
     control = _fit(tmp_path, "control", 1, "auto", global_batch=2)
-    fsdp2 = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-             "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}
-    gap = max((control[k] - v).abs().max().item() for k, v in single.items())
-    assert gap > 100 * TOLERANCE, gap
-    for strategy in ("ddp", fsdp2):
-        double = _fit(tmp_path, f"double-{strategy if isinstance(strategy, str) else 'fsdp2'}", 2, strategy)
-        assert single.keys() == double.keys()
-        for name, value in single.items():
-            torch.testing.assert_close(double[name], value, atol=TOLERANCE, rtol=TOLERANCE, msg=name)
+    assert _gap(control, single) > 100 * TOLERANCE
+    for label, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        _assert_same(_fit(tmp_path, f"double-{label}", 2, strategy), single, TOLERANCE, label)
 
 
-def test_dpo_ddp_matches_one_process_with_frozen_and_precomputed_reference(tmp_path):
-    """DPO's per-pair mean is exact under DDP's gradient average: 2 x 2 pairs end where 1 x 4 does, with a frozen
-    reference copy and with the precomputed reference (each rank computes its shard of the table, all-gathered)."""
-    if reason := _can_run():
-        pytest.skip(reason)
-    dpo = ("--data.init_args.max_rows", "120")
+@pytest.mark.slow
+def test_dpo_ddp_and_fsdp2_match_one_process_with_frozen_and_precomputed_reference(tmp_path):
+    """DPO's per-pair mean is exact under data parallelism: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2,
+    with a frozen reference copy (sharded like the policy under FSDP2) and with the precomputed reference (each
+    rank computes its shard of the table, all-gathered)."""
+    _skip_without_gloo()
+    dpo = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
+           "--model.init_args.scheduler.init_args.warmup_steps", "0")
     single = _fit(tmp_path, "dpo-single", 1, "auto", config="yaml/tiny/dpo.yaml", extra=dpo)
     control = _fit(tmp_path, "dpo-control", 1, "auto", global_batch=2, config="yaml/tiny/dpo.yaml", extra=dpo)
-    assert max((control[k] - v).abs().max().item() for k, v in single.items()) > 10 * TOLERANCE
-    for mode in ("frozen_copy", "precomputed"):
-        double = _fit(tmp_path, f"dpo-ddp-{mode}", 2, "ddp", config="yaml/tiny/dpo.yaml",
-                      extra=(*dpo, "--model.init_args.reference_mode", mode))
-        assert single.keys() == double.keys()
-        for name, value in single.items():
-            torch.testing.assert_close(double[name], value, atol=TOLERANCE, rtol=TOLERANCE, msg=f"{mode}: {name}")
+    assert _gap(control, single) > 10 * TOLERANCE
+    for label, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        for mode in ("frozen_copy", "precomputed"):
+            double = _fit(tmp_path, f"dpo-{label}-{mode}", 2, strategy, config="yaml/tiny/dpo.yaml",
+                          extra=(*dpo, "--model.init_args.reference_mode", mode))
+            _assert_same(double, single, TOLERANCE, f"{label} {mode}")
+
+
+@pytest.mark.slow
+def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
+    """PPO, 2 iterations of a rollout of 8 prompts (greedy, so every layout samples the same responses), one
+    minibatch, 4 epochs, an EMA reference (eta 0.5) and advantage whitening: 2 x 4 prompts under DDP and FSDP2 end
+    where 1 x 8 does (to 5e-4), while a rollout of 4 prompts ends elsewhere. This holds only because whitening,
+    the token-weighted losses and the target-KL test use statistics of every rank (`modules.distributed`), and
+    under FSDP2 the sampling loop runs on gathered weights and EMA lerps the local shards of policy and reference."""
+    _skip_without_gloo()
+    ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
+           "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0")
+    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size")
+    single = _fit(tmp_path, "ppo-single", 1, "auto", global_batch=8, **kwargs)
+    control = _fit(tmp_path, "ppo-control", 1, "auto", global_batch=4, **kwargs)
+    assert _gap(control, single) > 10 * PPO_TOLERANCE
+    for label, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        double = _fit(tmp_path, f"ppo-{label}", 2, strategy, global_batch=8, **kwargs)
+        _assert_same(double, single, PPO_TOLERANCE, f"ppo {label}")
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_checkpoint_resumes_and_exports(tmp_path):
+    """FSDP2, 2 processes: 2 steps write a distributed checkpoint (a folder of shards); a second run resumes from it
+    for 2 more steps and ends where 4 uninterrupted steps end (1e-6: same layout, same order of operations); its
+    step-4 checkpoint, exported in one CPU process by `python -m recipes.export`, is bit-equal to the HFExport the
+    run wrote itself and loads with plain `AutoModelForCausalLM.from_pretrained`."""
+    _skip_without_gloo()
+    from transformers import AutoModelForCausalLM
+
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 2, "save_top_k": -1,
+                          "filename": "{step}"}}
+    sft = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200",
+           "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0",
+           "--model.init_args.scheduler.init_args.total_steps", str(STEPS))  # one schedule, however long a run is
+    straight = _fit(tmp_path, "straight", 2, FSDP2, extra=sft)
+    _fit(tmp_path, "first", 2, FSDP2, steps=2, callbacks=(ckpt,), extra=sft)
+    first_ckpt = tmp_path / "ckpts" / "step=2.ckpt"
+    assert (first_ckpt / ".metadata").is_file(), sorted(os.listdir(tmp_path / "ckpts"))  # a sharded folder
+    resumed = _fit(tmp_path, "resumed", 2, FSDP2, callbacks=(ckpt,), extra=(*sft, "--ckpt_path", str(first_ckpt)))
+    _assert_same(resumed, straight, 1e-6, "resumed")
+    out = tmp_path / "exported"
+    _run([sys.executable, "-m", "recipes.export", "--config", str(tmp_path / "resumed" / "config.yaml"),
+          "--ckpt_path", str(tmp_path / "ckpts" / "step=4.ckpt"), "--out", str(out)], tmp_path)
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == resumed.keys()
+    for name, value in resumed.items():
+        assert torch.equal(exported[name], value), name
+    model = AutoModelForCausalLM.from_pretrained(out)
+    name = "model.embed_tokens.weight"
+    assert torch.equal(model.state_dict()[name], resumed[name])
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def _sharded_worker(rank: int, init_file: str, result_file: str) -> None:
+    """Rank ``rank`` of the 2-process check below; writes its findings to ``result_file.<rank>``."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from callbacks.ema_reference import local_pair
+    from datamodules.tokenizer import load_tokenizer
+    from modules.distributed import reshard, unsharded
+    from modules.generation import sample
+    from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
+    from tests.conftest import TINY_LLAMA
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same full weights on both ranks before sharding
+        tok = load_tokenizer("builtin:byte")
+        full = build_causal_lm(ModelSpec(config=dict(TINY_LLAMA)), tok).eval()
+        other = copy.deepcopy(full)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(1.0)
+        expected_ema = {k: 0.75 * v + 0.25 * (v + 1.0) for k, v in full.state_dict().items()}  # eta = 0.25
+        mesh = init_device_mesh("cpu", (2,))
+        policy_full = copy.deepcopy(other).train()  # the policy unsharded, for the gradient-norm check
+        reference, policy = fsdp2_shard(copy.deepcopy(full), mesh), fsdp2_shard(other, mesh)
+        ids, mask = torch.tensor([[5, 6, 7, 8]]), torch.ones(1, 4, dtype=torch.long)
+        new_tokens = 3 if rank == 0 else 7  # different forward counts per rank: collectives would hang
+        want = sample(full, ids, mask, new_tokens, eos_token_id=-1, pad_token_id=0, temperature=0).response_ids
+        with unsharded(reference):
+            got = sample(reference, ids, mask, new_tokens, eos_token_id=-1, pad_token_id=0,
+                         temperature=0).response_ids
+        dist.barrier()
+        with torch.no_grad():
+            reference(input_ids=ids)  # FSDP2 keeps the root's weights gathered after this (no backward follows)
+        reshard(reference)  # as EMAReference does before it lerps, so the next forward sees the new shards
+        pairs = [local_pair(i, r, p) for i, (r, p) in enumerate(zip(reference.parameters(), policy.parameters()))]
+        with torch.no_grad():
+            torch._foreach_lerp_([r for r, _ in pairs], [p for _, p in pairs], 0.25)
+            full.load_state_dict(expected_ema)
+            forward_ok = torch.allclose(reference(input_ids=ids).logits, full(input_ids=ids).logits, atol=1e-5)
+        reshard(reference)  # the forward above left the root gathered again
+        sharded = all(type(p).__name__ == "DTensor" for p in reference.parameters())
+        # gradient-norm clipping (PPO's max_grad_norm) sees the norm of the whole gradient, not of a shard
+        policy_full(input_ids=ids).logits.square().mean().backward()
+        policy.train()
+        policy(input_ids=ids).logits.square().mean().backward()  # the same batch on both ranks: the same gradient
+        want_norm = torch.nn.utils.clip_grad_norm_(policy_full.parameters(), 1e-3)
+        got_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1e-3)
+        got_norm = got_norm.full_tensor() if hasattr(got_norm, "full_tensor") else got_norm
+        gathered = {k: v.full_tensor() for k, v in reference.state_dict().items()}
+        ema_ok = forward_ok and all(torch.allclose(gathered[k], v, atol=1e-6) for k, v in expected_ema.items())
+        torch.save({"sample_equal": torch.equal(got, want), "length": got.shape[1], "ema_ok": ema_ok,
+                    "sharded": sharded, "norm_ok": bool(torch.allclose(got_norm, want_norm, rtol=1e-5))},
+                   f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 spawned interpreters importing transformers: 10-45 s
+def test_unsharded_sampling_and_sharded_ema_lerp(tmp_path):
+    """FSDP2 over 2 processes: inside `modules.distributed.unsharded`, ranks make different numbers of forwards (3
+    and 7 greedy tokens; outside it the per-layer all-gathers would hang) and sample what the unsharded model
+    samples; the EMA lerp on local shards, after a forward of the reference and the resharding EMAReference does, gives
+    ``0.75 ref + 0.25 policy`` of the full tensors (weights and the next forward's logits), and the reference stays
+    sharded (its parameters are DTensors afterwards); gradient clipping of the sharded model uses the norm of
+    the full gradient (as PPO's ``max_grad_norm`` needs)."""
+    _skip_without_gloo()
+    import torch.multiprocessing as mp
+
+    result = str(tmp_path / "result")
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), result), nprocs=2, join=True)
+    for rank, length in ((0, 3), (1, 7)):
+        found = torch.load(f"{result}.{rank}")
+        assert found == {"sample_equal": True, "length": length, "ema_ok": True, "sharded": True, "norm_ok": True}, \
+            (rank, found)
