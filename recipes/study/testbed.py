@@ -112,7 +112,8 @@ class TestbedSpec:
         sft_teacher: writes the SFT demonstrations (the SFT policy imitates it).
         behaviour: writes the preference pairs: a different policy from the SFT teacher (the paper's distribution
             shift): some of its responses are shorter, more of its letters miss the prompt, and some are upper case,
-            which the SFT policy never writes.
+            which the SFT policy never writes; its share of prompt letters varies from response to response, so the
+            pairs also rank responses along the axis where the SFT policy's own samples differ.
         num_sft: SFT demonstrations; num_pairs: preference pairs.
         bt_temperature: Bradley-Terry labels, ``P(y1 preferred) = sigmoid((gold1 - gold2) / bt_temperature)``.
         gold: the gold reward's settings.
@@ -122,7 +123,8 @@ class TestbedSpec:
     alphabet: str = ALPHABET
     heldout_fraction: float = 0.2
     sft_teacher: Writer = field(default_factory=Writer)
-    behaviour: Writer = field(default_factory=lambda: Writer(p_prompt=0.3, p_upper=0.2, min_len=1, max_len=8))
+    behaviour: Writer = field(default_factory=lambda: Writer(p_prompt=0.4, p_upper=0.1, min_len=1, max_len=8,
+                                                             p_prompt_spread=0.4))
     num_sft: int = 2000
     num_pairs: int = 2000
     bt_temperature: float = 0.25

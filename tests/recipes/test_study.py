@@ -66,16 +66,17 @@ def test_testbed_preference_data_comes_from_a_different_policy_than_sft():
     gold = spec.gold_reward()
     sft_text = "".join(r["response"] for r in data["sft"])
     pair_text = "".join(r["chosen"] + r["rejected"] for r in data["pairs"])
-    # upper case: never written by the SFT teacher, ~20% of the behaviour policy's characters
+    # upper case: never written by the SFT teacher, ~10% of the behaviour policy's characters
     assert not any(c.isupper() for c in sft_text)
-    assert 0.15 < sum(c.isupper() for c in pair_text) / len(pair_text) < 0.25
+    assert 0.07 < sum(c.isupper() for c in pair_text) / len(pair_text) < 0.13
     # lengths: SFT 4-8 only; the behaviour policy also writes 1-3 (too short under the gold reward)
     assert {len(r["response"]) for r in data["sft"]} <= set(range(4, 9))
     assert any(len(r["chosen"]) < 4 or len(r["rejected"]) < 4 for r in data["pairs"])
-    # the behaviour policy scores lower on average than the SFT teacher (0.3 vs 0.5 prompt letters, foreign chars)
+    # the behaviour policy scores lower on average than the SFT teacher (0.4 vs 0.5 prompt letters, upper case,
+    # too-short answers): gold about 0.5 for SFT against about 0.25 for the pairs
     sft_gold = sum(gold.score(r["prompt"], r["response"]) for r in data["sft"]) / len(data["sft"])
     pair_gold = sum(r["gold_chosen"] + r["gold_rejected"] for r in data["pairs"]) / (2 * len(data["pairs"]))
-    assert sft_gold > pair_gold + 0.3
+    assert sft_gold > pair_gold + 0.15
     # labels are informative but noisy: chosen beats rejected on gold mostly, not always
     better = sum(r["gold_chosen"] > r["gold_rejected"] for r in data["pairs"]) / len(data["pairs"])
     assert 0.7 < better < 0.99
@@ -235,3 +236,19 @@ def test_shrunken_study_writes_table_csv_and_plots(tmp_path):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curve = next(e for e in Path(tmp_path).glob("seed0/dpo/gold_curve.json"))
     assert '"step": 0' in curve.read_text()
+
+
+def test_writer_spread_gives_each_response_its_own_share_of_prompt_letters():
+    """Length 8, p_prompt 0.5: a fixed share gives a binomial std of sqrt(0.25 / 8) = 0.177; drawing each response's
+    share uniformly from [0, 1] adds the uniform's variance 1/12 to the mean binomial one E[p(1-p)]/8 = 1/48, so the
+    std is sqrt(1/12 + 1/48) = 0.323."""
+    import statistics
+
+    rng = random.Random(0)
+
+    def share_std(writer):
+        shares = [sum(c in "abc" for c in writer.write("abc:", rng)) / 8 for _ in range(4000)]
+        return statistics.pstdev(shares)
+
+    assert abs(share_std(Writer(p_prompt=0.5, min_len=8, max_len=8)) - 0.177) < 0.015
+    assert abs(share_std(Writer(p_prompt=0.5, p_prompt_spread=0.5, min_len=8, max_len=8)) - 0.323) < 0.015
