@@ -34,6 +34,12 @@ class AlignmentCLI(LightningCLI):
             raw = self._raw_args if self._raw_args is not None else sys.argv[1:]
             self.config = self.parser.parse_args(list(raw), namespace=self.config)
 
+    def init_parser(self, **kwargs):
+        parser = super().init_parser(**kwargs)
+        parser.epilog = ("Also: `python -m recipes study --config yaml/study/tiny.yaml` (the SFT/DPO/DPO-Iter/PPO "
+                         "study) and `python -m recipes evaluate --config yaml/tiny/eval.yaml` (score policies).")
+        return parser
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tokenizer", "model.init_args.tokenizer", apply_on="instantiate")
         parser.link_arguments("data.max_length", "model.init_args.max_length", apply_on="instantiate")
