@@ -67,7 +67,7 @@ class DPOModule(AlignmentModule):
             or ``$RLHF_RECIPES_CACHE``); must be readable by rank 0. ``cache_reference: false`` disables it.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
         reference_batch_size: pairs per forward of the precomputed reference pass (no gradients, no activations
-            kept); default 4x the data's batch size.
+            kept, so a GPU can take more); default the data's batch size (larger was slower on a 2-core CPU).
     """
 
     policy: nn.Module | None  # built in configure_model; the frozen copy, if any, is self.reference
@@ -219,7 +219,7 @@ class DPOModule(AlignmentModule):
         # Longest pairs first, so each batch pads little (and an out-of-memory error comes at once).
         shard.sort(key=lambda i: -len(examples[i]["prompt_ids"]) - max(len(examples[i]["chosen_ids"]),
                                                                            len(examples[i]["rejected_ids"])))
-        size = self.hparams.reference_batch_size or 4 * batch_size  # no activations kept: larger batches fit
+        size = self.hparams.reference_batch_size or batch_size
         values = []
         quiet = rank != 0 or (trainer is not None and trainer.progress_bar_callback is None)
         for start in tqdm(range(0, len(shard), size), desc=f"Reference log-probs ({len(examples)} pairs)",
