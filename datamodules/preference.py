@@ -241,8 +241,7 @@ class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
         return self.resumable_loader(self.train_set, self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return self.eval_loader(self.val_set, self.collate)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.batch_size, shuffle=False,

@@ -266,8 +266,7 @@ class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
         return self.resumable_loader(self.train_set, self.collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, collate_fn=self.collate,
-                          num_workers=self.num_workers)
+        return self.eval_loader(self.val_set, self.collate)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""

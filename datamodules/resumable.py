@@ -41,6 +41,11 @@ class ResumableLoaderMixin:
         self._batches_per_epoch = len(loader)  # the sampler's length is the full shard, skip or not
         return loader
 
+    def eval_loader(self, dataset: Sequence[Any], collate: Callable) -> DataLoader:
+        """An evaluation loader in dataset order, with the module's ``batch_size`` and ``num_workers``."""
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.num_workers)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.trainer is not None and self.trainer.training:
             self._consumed += 1

@@ -167,8 +167,7 @@ class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
         return self.resumable_loader(self.train_set, self._collate())
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
-                          collate_fn=self._collate(), num_workers=self.hparams.num_workers)
+        return self.eval_loader(self.val_set, self._collate())
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""
