@@ -52,10 +52,11 @@ def estimate(gpus: int = 8, micro: int = 4, seq: int = 512, gen_len: int = 768) 
         ("DPO, LoRA r16 (ref. = adapter off)", "1 GPU, bf16 base", (2 * P + 16 * L) / GB + act(2 * rows, seq)),
         ("DPO, QLoRA r16", "1 GPU, NF4 base", (0.56 * P + 16 * L) / GB + act(2 * rows, seq)),
     ]
-    update = 16 * (P + Pv) / N + 4 * P / N + 2 * Pv  # trained policy + critic, fp32 ref. shard, bf16 reward model
-    rollout = 12 * (P + Pv) / N + 4 * P / N + 2 * Pv + 4 * P  # no grads; the policy gathered whole (fp32)
+    update = 16 * (P + Pv) / N + 4 * P / N + 2 * Pv / N  # trained policy + critic, fp32 ref. and bf16 reward shards
+    rollout = 12 * (P + Pv) / N + 4 * P / N + 2 * Pv / N + 2 * P  # no grads; the policy gathered whole in bf16
     out += [("PPO, full FT (4 models): update", f"FSDP2, {N} GPUs", update / GB + 2 * act(rows, gen_len)),
-            ("PPO, full FT (4 models): rollout", f"FSDP2, {N} GPUs", rollout / GB + kv)]
+            ("PPO, full FT (4 models): rollout", f"FSDP2, {N} GPUs", rollout / GB + kv),
+            ("PPO, full FT (4 models): rollout, 32 at a time", f"FSDP2, {N} GPUs", rollout / GB + kv_of(32))]
     lora_ppo = 2 * P + 2 * Pv + 2 * Pv + 2 * 16 * L  # bf16 policy base, LoRA critic base, reward; two adapters
     qlora_ppo = 0.56 * P + 2 * Pv + 2 * Pv + 2 * 16 * L
     out += [("PPO, LoRA r16 (4 models)", "1 GPU, bf16 bases", lora_ppo / GB + max(kv_of(64), 2 * act(8, gen_len))),

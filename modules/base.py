@@ -12,7 +12,7 @@ from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from modules.export import save_pretrained
-from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
+from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard
 from modules.optim import adamw, build_optimization
 
 # Constructor arguments kept out of the saved hyperparameters: objects, not settings (the YAML holds their config).
@@ -82,7 +82,8 @@ class AlignmentModule(L.LightningModule):
     # --- setup ------------------------------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
         """The network to train: a causal LM, FSDP2-sharded under ``ModelParallelStrategy`` (else unchanged)."""
-        return fsdp2_shard(build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length), self.device_mesh)
+        network = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+        return fsdp2_shard(network, self.device_mesh, fsdp2_param_dtype(self))
 
     def configure_model(self) -> None:
         if self.network is None:  # Lightning may call this more than once

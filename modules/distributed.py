@@ -107,22 +107,24 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
             unit.reshard()
 
 
-def fsdp2_shard_scalar(model: nn.Module, device_mesh: object | None) -> nn.Module:
+def fsdp2_shard_scalar(model: nn.Module, device_mesh: object | None, param_dtype: torch.dtype | None = None
+                       ) -> nn.Module:
     """`modules.models.fsdp2_shard` for a one-label sequence-classification model read through
     `modules.scalar_models.token_scores`, which calls the backbone and the head directly (not the model's forward):
     the backbone (each decoder layer a unit) and the head are sharded as units of their own, so each gathers its
-    weights when it runs. No-op without a mesh."""
+    weights when it runs; ``param_dtype`` as in ``fsdp2_shard``. No-op without a mesh."""
     if device_mesh is None:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from modules.models import fsdp2_shard, is_peft
     from modules.scalar_models import _head_name
 
     hf = model.get_base_model() if is_peft(model) else model
-    fsdp2_shard(getattr(hf, hf.base_model_prefix), device_mesh)
+    fsdp2_shard(getattr(hf, hf.base_model_prefix), device_mesh, param_dtype)
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    fully_shard(getattr(hf, _head_name(model)), mesh=mesh)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    fully_shard(getattr(hf, _head_name(model)), mesh=mesh, mp_policy=policy)
     return model
 
 

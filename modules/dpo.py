@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from modules.base import AlignmentModule
 from modules.losses import DPOLoss
-from modules.models import ModelSpec, build_causal_lm, fsdp2_shard, is_peft
+from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw
 from modules.policy import (
     completion_logprobs,
@@ -275,6 +275,7 @@ class DPOModule(AlignmentModule):
         if self.mode == "disabled_adapter" and not is_peft(policy):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "
                              "reference_mode 'frozen_copy' or 'precomputed'.")
+        mesh, dtype = self.device_mesh, fsdp2_param_dtype(self)
         if self.mode == "frozen_copy":  # copied before sharding; under ModelParallelStrategy both are FSDP2-sharded
-            self.reference = fsdp2_shard(copy.deepcopy(policy).eval().requires_grad_(False), self.device_mesh)
-        self.policy = fsdp2_shard(policy, self.device_mesh)
+            self.reference = fsdp2_shard(copy.deepcopy(policy).eval().requires_grad_(False), mesh, dtype)
+        self.policy = fsdp2_shard(policy, mesh, dtype)

@@ -9,10 +9,16 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from modules.policy import logprobs_from_logits, position_ids_from_mask
 from modules.scalar_models import token_scores
 from modules.types import Generation
+
+
+# transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` (the old name
+# still works with a deprecation warning); use whichever the installed version names.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -160,7 +166,7 @@ def sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_new_
     steps = 0
     try:
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                    past_key_values=preallocated_cache(model, prompt_length + max_new_tokens), logits_to_keep=1)
+                    logits_to_keep=1, **{CACHE: preallocated_cache(model, prompt_length + max_new_tokens)})
         while True:
             logits = out.logits[:, -1]  # (B, V)
             if temperature == 0:
@@ -181,7 +187,7 @@ def sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_new_
             if finished or steps == max_new_tokens:  # no forward for a token that will not be sampled
                 break
             out = model(input_ids=token[:, None], attention_mask=mask[:, :prompt_length + steps],
-                        position_ids=next_positions, past_key_values=out.past_key_values, use_cache=True)
+                        position_ids=next_positions, use_cache=True, **{CACHE: getattr(out, CACHE)})
             next_positions = next_positions + 1
     finally:
         model.train(was_training)

@@ -166,11 +166,24 @@ def build_causal_lm(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None =
     return prepare_for_training(model, spec)
 
 
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a ``Linear4bit`` weight at its first eval-mode forward without
+    grad (a PPO rollout, generation) and from then on multiplies with a kernel that has no autograd: every later
+    training forward leaves the LoRA adapters without gradients, with only a warning. Whether it happens depends on
+    the CPU. A model built to train keeps the trainable layout (CUDA is not affected)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def prepare_for_training(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedModel:
     """Apply k-bit preparation, gradient checkpointing and LoRA to a loaded model."""
     if spec.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_weights_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif spec.gradient_checkpointing:
@@ -188,23 +201,35 @@ def prepare_for_training(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedM
     return model
 
 
-def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None) -> torch.nn.Module:
+def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None,
+                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 (``fully_shard``) over the mesh Lightning's ``ModelParallelStrategy`` provides:
-    each decoder layer (the model's ``_no_split_modules``) becomes one unit, then the root. No-op without a mesh."""
+    each decoder layer (the model's ``_no_split_modules``) becomes one unit, then the root. With ``param_dtype``
+    (`fsdp2_param_dtype`) the shards stay in their own dtype (fp32 masters) while every all-gather, forward and
+    backward runs in ``param_dtype`` and gradients are reduced in fp32. No-op without a mesh."""
     if device_mesh is None:
         return model
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     base = model.get_base_model() if is_peft(model) else model
     layer_types = set(getattr(base, "_no_split_modules", None) or [])
     if not layer_types:
         raise ValueError(f"{type(base).__name__} names no _no_split_modules to shard by; wrap it yourself.")
     for module in model.modules():
         if type(module).__name__ in layer_types:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def fsdp2_param_dtype(module: Any) -> torch.dtype | None:
+    """The FSDP2 parameter dtype that a LightningModule's trainer precision asks for: ``bf16-mixed`` gives
+    ``bfloat16``, FSDP2's own form of mixed precision (weights gathered in bf16: half the all-gather traffic and
+    half the memory of a policy gathered whole for sampling), else None (gather in the weights' own dtype)."""
+    trainer = getattr(module, "_trainer", None)
+    return torch.bfloat16 if trainer is not None and str(trainer.precision) == "bf16-mixed" else None
 
 
 def is_peft(model: torch.nn.Module) -> bool:

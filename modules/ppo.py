@@ -19,7 +19,7 @@ from modules.distributed import (all_reduce_sum, fsdp2_shard_scalar, global_mask
 from modules.export import save_pretrained
 from modules.generation import response_logprobs, response_values, sample
 from modules.losses import PPOPolicyLoss, PPOValueLoss
-from modules.models import ModelSpec, build_causal_lm, fsdp2_shard, is_peft
+from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw, build_optimization
 from modules.rewards import RewardFunction
 from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
@@ -273,18 +273,18 @@ class PPOModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        hp = self.hparams
+        hp, mesh, dtype = self.hparams, self.device_mesh, fsdp2_param_dtype(self)
         policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
         if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
-            self.reference = fsdp2_shard(copy.deepcopy(policy).requires_grad_(False).eval(), self.device_mesh)
+            self.reference = fsdp2_shard(copy.deepcopy(policy).requires_grad_(False).eval(), mesh, dtype)
         critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
         check_critic_tokenizer(self.critic_spec, critic, self.tokenizer)
-        # FSDP2 under ModelParallelStrategy (each decoder layer one unit), else unchanged
-        self.policy, self.critic = fsdp2_shard(policy, self.device_mesh), fsdp2_shard_scalar(critic, self.device_mesh)
-        if hp.disable_dropout:
-            for m in self.modules():
-                if isinstance(m, nn.Dropout):
-                    m.p = 0.0
+        # FSDP2 under ModelParallelStrategy (each decoder layer one unit; the frozen reward model too), else unchanged
+        self.policy, self.critic = fsdp2_shard(policy, mesh, dtype), fsdp2_shard_scalar(critic, mesh, dtype)
+        if mesh is not None and callable(getattr(self.reward_fn, "shard", None)):
+            self.reward_fn.shard(mesh)
+        for dropout in (m for m in self.modules() if hp.disable_dropout and isinstance(m, nn.Dropout)):
+            dropout.p = 0.0
 
     def configure_optimizers(self) -> list[dict[str, Any]]:
         if (name := type(self.trainer.strategy).__name__) in ("DeepSpeedStrategy", "FSDPStrategy"):  # fail now

@@ -81,14 +81,18 @@ class SequenceClassifierReward:
         batch_size: rows per forward pass.
         max_length: truncate longer texts from the left (counted in ``truncated``); None keeps everything.
         dtype: weight dtype (``float32``, ``bfloat16``, ``float16``).
+        sharded: under FSDP2 (`shard`, called by ``PPOModule.configure_model`` with the strategy's mesh), split the
+            weights over the ranks instead of holding a full copy on each: 1/N of the memory, one all-gather per
+            layer per forward. False keeps a full copy per rank (no communication while scoring).
     """
 
     def __init__(self, path: str, tokenizer: str | None = None, append_eos: bool = True, batch_size: int = 16,
-                 max_length: int | None = None, dtype: str = "float32") -> None:
+                 max_length: int | None = None, dtype: str = "float32", sharded: bool = True) -> None:
         self.path, self.tokenizer_path, self.append_eos = path, tokenizer, append_eos
-        self.batch_size, self.max_length, self.dtype = batch_size, max_length, dtype
+        self.batch_size, self.max_length, self.dtype, self.sharded = batch_size, max_length, dtype, sharded
         self.model, self.tokenizer, self.device = None, None, torch.device("cpu")
         self.truncated = 0
+        self.is_sharded = False  # set by `shard`
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
@@ -109,10 +113,26 @@ class SequenceClassifierReward:
         self.model.requires_grad_(False).eval().to(self.device)
 
     def to(self, device: torch.device | str) -> SequenceClassifierReward:
-        """Move the reward model (loaded on first use) to ``device``."""
+        """Move the reward model (loaded on first use) to ``device``; a sharded model stays where FSDP2 put its
+        shards (the mesh's device) and only its inputs go to ``device``."""
         self.device = torch.device(device)
-        if self.model is not None:
+        if self.model is not None and not self.is_sharded:
             self.model.to(self.device)
+        return self
+
+    def shard(self, device_mesh: Any) -> SequenceClassifierReward:
+        """Load the reward model and shard it with FSDP2 over ``device_mesh`` (each decoder layer a unit, the head
+        another: `modules.distributed.fsdp2_shard_scalar`). Each forward then all-gathers one layer at a time, so
+        every rank must score the same number of rows per call (PPO's per-rank rollouts are equal). No-op when
+        ``sharded`` is False or there is no mesh."""
+        if not self.sharded or device_mesh is None or self.is_sharded:
+            return self
+        from modules.distributed import fsdp2_shard_scalar
+
+        if self.model is None:
+            self._load()
+        fsdp2_shard_scalar(self.model, device_mesh)
+        self.is_sharded = True
         return self
 
     @torch.no_grad()
@@ -138,4 +158,8 @@ class SequenceClassifierReward:
             for i, row in enumerate(ids):
                 input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
             scores.append(sequence_scores(self.model, input_ids.to(self.device), mask.to(self.device)).float().cpu())
+        if self.is_sharded:  # FSDP2 keeps a root unit's weights gathered after a forward with no backward
+            from modules.distributed import reshard
+
+            reshard(self.model)
         return torch.cat(scores)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from modules.generation import GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
+from modules.generation import CACHE, GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
 from modules.policy import position_ids_from_mask
 from tests.conftest import TINY_LLAMA
 
@@ -34,13 +34,12 @@ class Scripted(nn.Module):
         super().__init__()
         self.script, self.vocab = script, vocab
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, past_key_values=None,
-                logits_to_keep=None):
-        step = 0 if past_key_values is None else past_key_values + 1
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=True, logits_to_keep=None, **cache):
+        step = 0 if cache.get(CACHE) is None else cache[CACHE] + 1  # CACHE: the installed transformers' name
         logits = torch.full((len(self.script), 1, self.vocab), -1e9)
         for i, row in enumerate(self.script):
             logits[i, 0, row[min(step, len(row) - 1)]] = 0.0
-        return type("Out", (), {"logits": logits, "past_key_values": step})()
+        return type("Out", (), {"logits": logits, CACHE: step})()
 
 
 def test_stops_at_eos_pads_after_it_and_flags_truncation():
@@ -127,8 +126,8 @@ def test_preallocated_cache_matches_the_dynamic_cache(tiny_model, byte_tokenizer
         ids, mask, steps = enc.input_ids, enc.attention_mask, []
         positions = position_ids_from_mask(mask)
         for _ in range(4):
-            out = tiny_model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                             use_cache=True)
+            out = tiny_model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{CACHE: cache})
             steps.append(out.logits[:, -1])
             ids, positions = out.logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

@@ -58,7 +58,9 @@ def test_gradient_checkpointing_with_lora_backprops(tiny_spec, byte_tokenizer):
 
 
 def test_qlora_4bit_cpu_adapter_learns(tmp_path, byte_tokenizer):
-    """4-bit base through bitsandbytes on CPU (out-features multiples of 32); the adapter must really change."""
+    """4-bit base through bitsandbytes on CPU (out-features multiples of 32); the adapter must really change after an
+    eval-mode no-grad forward (on an AVX512-BF16 CPU bitsandbytes would repack the weights for a kernel without
+    autograd there: `modules.models.keep_4bit_weights_trainable`)."""
     pytest.importorskip("bitsandbytes")
     cfg = dict(TINY_LLAMA, hidden_size=64, intermediate_size=128, num_key_value_heads=4)
     base = build_causal_lm(ModelSpec(config=cfg), byte_tokenizer)
@@ -70,8 +72,10 @@ def test_qlora_4bit_cpu_adapter_learns(tmp_path, byte_tokenizer):
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(4, 200, (2, 8))
-    with torch.no_grad():  # a no-grad forward first, as a PPO rollout does
+    model.eval()
+    with torch.no_grad():  # an eval-mode no-grad forward first, as a PPO rollout does
         model(input_ids=ids)
+    model.train()
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
@@ -100,3 +104,45 @@ def test_export_loads_in_plain_transformers(tmp_path, tiny_spec, byte_tokenizer)
     assert tok.decode(tok("abc").input_ids) == "abc"
     save_pretrained(model, byte_tokenizer, str(tmp_path / "adapter"), merge_lora=False)
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
+
+
+def test_merged_lora_state_dict_equals_peft_merge(tiny_spec, byte_tokenizer):
+    """The merge used for sharded LoRA exports (computed from a state dict, as gathered from FSDP2 shards) gives
+    exactly peft's ``merge_and_unload``: with a second, inactive adapter (PPO's EMA reference) and a
+    ``modules_to_save`` copy present. A DoRA adapter is not merged (None: saved as an adapter instead)."""
+    import copy
+
+    from peft import LoraConfig
+
+    from modules.export import merged_lora_state_dict
+
+    tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
+    model = build_causal_lm(tiny_spec, byte_tokenizer)
+    model.add_adapter("ema", LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(std=0.1)
+    merged = merged_lora_state_dict(model, model.state_dict())
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(merged[key], value, atol=1e-6, rtol=1e-6, msg=key)
+    assert (merged["lm_head.weight"] - model.base_model.model.lm_head.original_module.weight).abs().max() > 1e-3
+    from peft import get_peft_model
+
+    tiny_spec.lora = None
+    dora = get_peft_model(build_causal_lm(tiny_spec, byte_tokenizer),
+                          LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert merged_lora_state_dict(dora, dora.state_dict()) is None
+
+
+def test_fsdp2_param_dtype_follows_trainer_precision():
+    from types import SimpleNamespace
+
+    from modules.models import fsdp2_param_dtype
+
+    assert fsdp2_param_dtype(SimpleNamespace(_trainer=SimpleNamespace(precision="bf16-mixed"))) is torch.bfloat16
+    for precision in ("32-true", "bf16-true"):
+        assert fsdp2_param_dtype(SimpleNamespace(_trainer=SimpleNamespace(precision=precision))) is None
+    assert fsdp2_param_dtype(SimpleNamespace(_trainer=None)) is None

@@ -79,6 +79,29 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
+    """LoRA under FSDP2 (frozen base weights and trainable adapters in the same units): 2 x 2 rows end where 1 x 4
+    does, and the sharded model exports with the adapter merged (gathered, then
+    `modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged has
+    been trained (its B matrices, zero at init, are not)."""
+    _skip_without_gloo()
+    from transformers import AutoModelForCausalLM
+
+    lora = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200",
+            "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0",
+            "--model.init_args.model.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}))
+    adapter = {"class_path": "callbacks.hf_export.HFExport",
+               "init_args": {"dirpath": str(tmp_path / "adapter"), "merge_lora": False}}
+    single = _fit(tmp_path, "lora-single", 1, "auto", extra=lora)
+    double = _fit(tmp_path, "lora-fsdp2", 2, FSDP2, extra=lora, callbacks=(adapter,))
+    assert not any("lora" in name for name in double)
+    _assert_same(double, single, TOLERANCE, "fsdp2 lora")
+    trained = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert max(v.abs().max().item() for k, v in trained.items() if "lora_B" in k) > 1e-3
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "lora-fsdp2" / "hf") is not None
+
+
+@pytest.mark.slow
 def test_dpo_ddp_and_fsdp2_match_one_process_with_frozen_and_precomputed_reference(tmp_path):
     """DPO's per-pair mean is exact under data parallelism: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2,
     with a frozen reference copy (sharded like the policy under FSDP2) and with the precomputed reference (each
@@ -151,7 +174,7 @@ def test_fsdp2_sharded_checkpoint_resumes_and_exports(tmp_path):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def _sharded_worker(rank: int, init_file: str, result_file: str) -> None:
+def _sharded_worker(rank: int, init_file: str, result_file: str, rm_path: str) -> None:
     """Rank ``rank`` of the 2-process check below; writes its findings to ``result_file.<rank>``."""
     import copy
 
@@ -162,6 +185,8 @@ def _sharded_worker(rank: int, init_file: str, result_file: str) -> None:
     from modules.distributed import reshard, unsharded
     from modules.generation import sample
     from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
+    from modules.ppo import PPOModule
+    from modules.rewards import SequenceClassifierReward
     from tests.conftest import TINY_LLAMA
 
     torch.set_num_threads(1)
@@ -184,6 +209,29 @@ def _sharded_worker(rank: int, init_file: str, result_file: str) -> None:
         with unsharded(reference):
             got = sample(reference, ids, mask, new_tokens, eos_token_id=-1, pad_token_id=0,
                          temperature=0).response_ids
+        # FSDP2 mixed precision (bf16-mixed): fp32 shards, gathered in bf16 for the sampling loop
+        bf16 = fsdp2_shard(copy.deepcopy(full), mesh, torch.bfloat16)
+        with unsharded(bf16):
+            gathered_dtypes = {p.dtype for p in bf16.parameters()}
+            got_bf16 = sample(bf16, ids, mask, new_tokens, eos_token_id=-1, pad_token_id=0, temperature=0)
+        want_bf16 = sample(copy.deepcopy(full).to(torch.bfloat16), ids, mask, new_tokens, eos_token_id=-1,
+                           pad_token_id=0, temperature=0)
+        bf16_ok = (gathered_dtypes == {torch.bfloat16} and torch.equal(got_bf16.response_ids, want_bf16.response_ids)
+                   and {p.to_local().dtype for p in bf16.parameters()} == {torch.float32})
+        # PPOModule.configure_model shards the frozen reward model too; each rank scores its own texts (3 rows in
+        # forwards of 2) and gets what the full reward model gives
+        module = PPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), critic=ModelSpec(config=dict(TINY_LLAMA)),
+                           reward=SequenceClassifierReward(rm_path, batch_size=2), tokenizer=tok)
+        module._device_mesh = mesh
+        module.configure_model()
+        prompts, responses = [f"q{rank}", "hello", "x"], [" a b", f" rank {rank} says", ""]
+        got_scores = module.reward_fn(prompts, responses)
+        want_scores = SequenceClassifierReward(rm_path, batch_size=2)(prompts, responses)
+        rm_params = list(module.reward_fn.model.parameters())
+        rm_sharded = all(type(p).__name__ == "DTensor" for p in rm_params)
+        rm_local = sum(p.to_local().numel() for p in rm_params) if rm_sharded else 0
+        reward_ok = (rm_sharded and 0 < rm_local <= 0.6 * sum(p.numel() for p in rm_params)
+                     and torch.allclose(got_scores, want_scores, atol=1e-5))
         dist.barrier()
         with torch.no_grad():
             reference(input_ids=ids)  # FSDP2 keeps the root's weights gathered after this (no backward follows)
@@ -205,26 +253,34 @@ def _sharded_worker(rank: int, init_file: str, result_file: str) -> None:
         gathered = {k: v.full_tensor() for k, v in reference.state_dict().items()}
         ema_ok = forward_ok and all(torch.allclose(gathered[k], v, atol=1e-6) for k, v in expected_ema.items())
         torch.save({"sample_equal": torch.equal(got, want), "length": got.shape[1], "ema_ok": ema_ok,
-                    "sharded": sharded, "norm_ok": bool(torch.allclose(got_norm, want_norm, rtol=1e-5))},
+                    "sharded": sharded, "norm_ok": bool(torch.allclose(got_norm, want_norm, rtol=1e-5)),
+                    "bf16_gather": bf16_ok, "reward_sharded": bool(reward_ok)},
                    f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow  # 2 spawned interpreters importing transformers: 10-45 s
-def test_unsharded_sampling_and_sharded_ema_lerp(tmp_path):
+def test_unsharded_sampling_sharded_ema_lerp_bf16_gather_and_sharded_reward_model(tmp_path):
     """FSDP2 over 2 processes: inside `modules.distributed.unsharded`, ranks make different numbers of forwards (3
     and 7 greedy tokens; outside it the per-layer all-gathers would hang) and sample what the unsharded model
     samples; the EMA lerp on local shards, after a forward of the reference and the resharding EMAReference does, gives
     ``0.75 ref + 0.25 policy`` of the full tensors (weights and the next forward's logits), and the reference stays
     sharded (its parameters are DTensors afterwards); gradient clipping of the sharded model uses the norm of
-    the full gradient (as PPO's ``max_grad_norm`` needs)."""
+    the full gradient (as PPO's ``max_grad_norm`` needs). With a bf16 ``param_dtype`` (``bf16-mixed``) the shards
+    stay fp32 but the sampling loop runs on weights gathered in bf16 and samples what a bf16 copy samples. The
+    frozen reward model of a PPOModule is sharded by ``configure_model`` (each rank holds about half of it) and
+    scores each rank's texts as the full model does."""
     _skip_without_gloo()
     import torch.multiprocessing as mp
 
+    from datamodules.tokenizer import load_tokenizer
+    from tests.modules.test_ppo import _save_reward_model
+
+    rm_path = _save_reward_model(tmp_path / "rm", load_tokenizer("builtin:byte"))
     result = str(tmp_path / "result")
-    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), result), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "init"), result, rm_path), nprocs=2, join=True)
     for rank, length in ((0, 3), (1, 7)):
         found = torch.load(f"{result}.{rank}")
-        assert found == {"sample_equal": True, "length": length, "ema_ok": True, "sharded": True, "norm_ok": True}, \
-            (rank, found)
+        assert found == {"sample_equal": True, "length": length, "ema_ok": True, "sharded": True, "norm_ok": True,
+                         "bf16_gather": True, "reward_sharded": True}, (rank, found)

@@ -76,20 +76,23 @@ def test_strategy_constructs(path, strategy, deepspeed_constructible):
 @pytest.mark.parametrize("path, strategy", DEEPSPEED_YAML, ids=[str(p) for p, _ in DEEPSPEED_YAML])
 def test_deepspeed_yaml_zero_config(path, strategy, deepspeed_constructible):
     """The YAML's init_args are DeepSpeedStrategy arguments of the right types; the ZeRO dict holds its stage, and
-    the offload switches add (only) the CPU offload sections; the model checkpoints its own activations."""
+    the offload switches add (only) the CPU offload sections; ``--trainer.strategy.init_args.stage`` turns every
+    DeepSpeed YAML into the other stage (ZeRO-2 and ZeRO-3 for each); the model checkpoints its own activations."""
     args = strategy["init_args"]
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(DeepSpeedStrategy, "ds")
     parser.parse_object({"ds": args})  # unknown names or wrong types raise here, with no instantiation
-    for offload in (False, True):
-        switches = {"offload_optimizer": offload, **({"offload_parameters": offload} if args["stage"] == 3 else {})}
-        built = _build({**strategy, "init_args": {**args, **switches}})
-        zero = built.config["zero_optimization"]
-        assert zero["stage"] == args["stage"], path
-        assert ("offload_optimizer" in zero) == offload
-        assert ("offload_param" in zero) == (offload and args["stage"] == 3)
-        if offload:
-            assert zero["offload_optimizer"]["device"] == "cpu"
+    for stage in (2, 3):
+        for offload in (False, True):
+            switches = {"stage": stage, "offload_optimizer": offload,
+                        **({"offload_parameters": offload} if stage == 3 else {})}
+            zero = _build({**strategy, "init_args": {**args, **switches}}).config["zero_optimization"]
+            assert zero["stage"] == stage, path
+            assert ("offload_optimizer" in zero) == offload
+            assert ("offload_param" in zero) == (offload and stage == 3)
+            if offload:
+                assert zero["offload_optimizer"]["device"] == "cpu"
+    assert _build(strategy).config["zero_optimization"]["stage"] == args["stage"]
     shipped = _build(strategy).config["zero_optimization"]
     assert "offload_optimizer" not in shipped and "offload_param" not in shipped  # the YAML ships with offload off
     config = yaml.safe_load((REPO / path).read_text())
