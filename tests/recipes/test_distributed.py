@@ -122,13 +122,21 @@ def test_dpo_ddp_and_fsdp2_match_one_process_with_frozen_and_precomputed_referen
 @pytest.mark.slow
 def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
     """PPO, 2 iterations of a rollout of 8 prompts (greedy, so every layout samples the same responses), one
-    minibatch, 4 epochs, an EMA reference (eta 0.5) and advantage whitening: 2 x 4 prompts under DDP and FSDP2 end
-    where 1 x 8 does (to 5e-4), while a rollout of 4 prompts ends elsewhere. This holds only because whitening,
+    minibatch, 4 epochs, an EMA reference (eta 0.5), advantage whitening and a reward-model reward (sharded under
+    FSDP2, 3 rows per forward): 2 x 4 prompts under DDP and FSDP2 end where 1 x 8 does (to 5e-4), while a rollout of
+    4 prompts ends elsewhere. This holds only because whitening,
     the token-weighted losses and the target-KL test use statistics of every rank (`modules.distributed`), and
     under FSDP2 the sampling loop runs on gathered weights and EMA lerps the local shards of policy and reference."""
     _skip_without_gloo()
+    from datamodules.tokenizer import load_tokenizer
+    from tests.modules.test_ppo import _save_reward_model
+
+    reward = {"class_path": "modules.rewards.SequenceClassifierReward",  # FSDP2 shards it (DDP: a copy per rank)
+              "init_args": {"path": _save_reward_model(tmp_path / "rm", load_tokenizer("builtin:byte")),
+                            "batch_size": 3}}
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
-           "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0")
+           "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0",
+           "--model.init_args.reward", json.dumps(reward))
     ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
     kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size")
     single = _fit(tmp_path, "ppo-single", 1, "auto", global_batch=8, **kwargs)
