@@ -11,7 +11,9 @@ from torch import nn
 from typing_extensions import override
 
 from modules.models import is_peft
-from modules.policy import add_frozen_adapter, adapter_pairs, readd_adapter_before_load
+from callbacks.ema_reference import local_pair
+from modules.distributed import reshard
+from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
 
 
 class DPOIterRound(Callback):
@@ -64,6 +66,7 @@ class DPOIterRound(Callback):
             raise ValueError("DPOIterRound: one epoch is one round, so the pairs must be regenerated every epoch; set "
                              "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
                              f"{trainer.reload_dataloaders_every_n_epochs}).")
+        plan_adapter(pl_module, self.adapter_name)  # a LoRA policy gets the reference adapter in configure_model
         pl_module.register_load_state_dict_pre_hook(
             readd_adapter_before_load(self.policy_attr, self.adapter_name))
 
@@ -106,10 +109,11 @@ class DPOIterRound(Callback):
             pl_module.reference_logps = {}
             pl_module.precompute_reference(trainer.datamodule)
         elif is_peft(policy):
-            if self.adapter_name not in policy.peft_config:
-                add_frozen_adapter(policy, self.adapter_name)
-            for ref, param in adapter_pairs(policy, self.adapter_name):
-                ref.copy_(param.detach())
+            ensure_adapter(policy, self.adapter_name)
+            reshard(policy)  # FSDP2: copy into the shards, not into a gathered copy a later forward would read
+            for index, (ref, param) in enumerate(adapter_pairs(policy, self.adapter_name)):
+                local_ref, local_param = local_pair(index, ref, param)
+                local_ref.copy_(local_param.detach())
             pl_module.reference_adapter = self.adapter_name
         else:
             raise TypeError(f"DPOIterRound: {type(pl_module).__name__} has no `reference` module, LoRA policy or "

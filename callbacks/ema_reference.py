@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from modules.distributed import reshard
 from modules.models import is_peft
-from modules.policy import add_frozen_adapter, adapter_pairs, readd_adapter_before_load
+from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
 
 
 class EMAReference(Callback):
@@ -26,8 +26,9 @@ class EMAReference(Callback):
       names, is updated in place (``torch.lerp``).
     - Sharded (FSDP2 / ``ModelParallelStrategy``): policy and reference are sharded alike, so each rank averages its
       local shards (``DTensor.to_local``) in place; nothing is gathered, and the reference stays sharded.
-    - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy and
-      initialized from the policy's adapter at the start of fit; the module's ``reference_adapter`` is set to it so
+    - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy by the
+      module's ``configure_model`` (`modules.policy.plan_adapter`: before sharding, so under FSDP2 it is sharded like
+      the policy's adapter) and initialized from the policy's adapter at the start of a fresh fit; the module's ``reference_adapter`` is set to it so
       that it runs its reference through ``modules.policy.reference_context(policy, reference_adapter)``. Only the
       adapter factors are averaged (the reference is ``base + B_ema A_ema``, not the average of ``B A``), and no
       second base model exists.
@@ -58,6 +59,7 @@ class EMAReference(Callback):
         self.eta, self.update_every_n_steps, self.start_step = eta, update_every_n_steps, start_step
         self.policy_attr, self.adapter_name = policy_attr, adapter_name
         self.last_updated_step = 0
+        self._restored = False  # a checkpoint restored the callback (and the EMA adapter with the model's weights)
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def should_update(self, step: int) -> bool:
@@ -66,23 +68,24 @@ class EMAReference(Callback):
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Let a checkpoint that holds the EMA adapter load into a policy that does not have it yet."""
+        """Have the module create the LoRA EMA adapter in ``configure_model`` (next), and let a checkpoint that holds
+        the adapter load into a policy that does not have it yet (loading outside a Trainer)."""
+        plan_adapter(pl_module, self.adapter_name)
         pl_module.register_load_state_dict_pre_hook(
             readd_adapter_before_load(self.policy_attr, self.adapter_name, set_reference=False))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Create the LoRA EMA adapter (from the policy's, unless a checkpoint restored it) and pair up parameters."""
+        """Pair up reference and policy parameters; a fresh LoRA EMA adapter starts equal to the policy's adapter."""
         policy = getattr(pl_module, self.policy_attr)
         if is_peft(policy):
-            fresh = self.adapter_name not in policy.peft_config
-            if fresh:
-                add_frozen_adapter(policy, self.adapter_name)
+            ensure_adapter(policy, self.adapter_name)
             self._pairs = adapter_pairs(policy, self.adapter_name)
-            if fresh:  # a new EMA adapter starts equal to the policy's; a restored one keeps its checkpointed values
+            if not self._restored:  # a restored EMA adapter keeps its checkpointed values
                 with torch.no_grad():
-                    for ref, param in self._pairs:
-                        ref.copy_(param)
+                    for index, (ref, param) in enumerate(self._pairs):
+                        local_ref, local_param = local_pair(index, ref, param)
+                        local_ref.copy_(local_param)
             pl_module.reference_adapter = self.adapter_name
         else:
             reference = getattr(pl_module, "reference", None)
@@ -118,7 +121,7 @@ class EMAReference(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the last updated step."""
-        self.last_updated_step = int(state_dict["last_updated_step"])
+        self.last_updated_step, self._restored = int(state_dict["last_updated_step"]), True
 
 
 def local_pair(index: int, ref: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,11 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 units."""
+    return bool(_fsdp_modules(model))
+
+
 @contextmanager
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Hold an FSDP2-sharded model's full weights for a sampling loop, then shard it again.

@@ -22,6 +22,7 @@ from modules.losses import DPOLoss
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw
 from modules.policy import (
+    add_planned_adapters,
     completion_logprobs,
     masked_completion_logps,
     reference_context,
@@ -272,6 +273,7 @@ class DPOModule(AlignmentModule):
         if self.policy is not None:
             return
         policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+        add_planned_adapters(self, policy)  # reference adapters of EMAReference / DPOIterRound, before sharding
         if self.mode == "disabled_adapter" and not is_peft(policy):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "
                              "reference_mode 'frozen_copy' or 'precomputed'.")

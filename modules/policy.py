@@ -136,6 +136,37 @@ def add_frozen_adapter(policy: nn.Module, name: str) -> None:
             p.requires_grad_(False)
 
 
+def plan_adapter(module: nn.Module, name: str) -> None:
+    """Ask a LightningModule to create the frozen adapter ``name`` in its ``configure_model`` (`add_planned_adapters`).
+
+    Callbacks that keep a reference adapter call this in ``setup``, which Lightning runs before ``configure_model``:
+    an adapter created there exists before FSDP2 shards the policy, so it is sharded like the policy's own adapter
+    (added after sharding it would be plain tensors beside DTensors), and it exists before a checkpoint loads."""
+    planned = getattr(module, "planned_adapters", [])
+    module.planned_adapters = planned if name in planned else [*planned, name]
+
+
+def ensure_adapter(policy: nn.Module, name: str) -> None:
+    """Add the frozen adapter ``name`` to ``policy`` if it lacks it (a module that did not call
+    `add_planned_adapters`); refused for an FSDP2-sharded policy, whose adapters must exist before sharding."""
+    from modules.distributed import is_sharded
+
+    if name in policy.peft_config:
+        return
+    if is_sharded(policy):
+        raise RuntimeError(f"The sharded policy has no adapter '{name}': its LightningModule's configure_model must "
+                           "call modules.policy.add_planned_adapters(self, policy) before it shards the policy.")
+    add_frozen_adapter(policy, name)
+
+
+def add_planned_adapters(module: nn.Module, policy: nn.Module) -> None:
+    """Add the adapters planned for ``module`` (`plan_adapter`) to a LoRA ``policy``, frozen; call before sharding.
+    No-op for a policy without adapters."""
+    for name in getattr(module, "planned_adapters", []) if hasattr(policy, "peft_config") else []:
+        if name not in policy.peft_config:
+            add_frozen_adapter(policy, name)
+
+
 def adapter_pairs(policy: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:
     """(adapter ``name``'s parameter, the active adapter's parameter) for every adapter weight."""
     active, params = policy.active_adapter, dict(policy.named_parameters())

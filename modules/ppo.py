@@ -21,6 +21,7 @@ from modules.generation import response_logprobs, response_values, sample
 from modules.losses import PPOPolicyLoss, PPOValueLoss
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw, build_optimization
+from modules.policy import add_planned_adapters
 from modules.rewards import RewardFunction
 from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
                               masked_mean, terminal_scores)
@@ -266,8 +267,7 @@ class PPOModule(L.LightningModule):
         self.value_moments.load_state_dict(state.get("value_moments", RunningMoments().state_dict()))
 
     def on_fit_start(self) -> None:
-        if hasattr(self.reward_fn, "to"):
-            self.reward_fn.to(self.device)
+        getattr(self.reward_fn, "to", lambda device: None)(self.device)  # a reward model's device
 
     # --- setup --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -275,14 +275,14 @@ class PPOModule(L.LightningModule):
             return
         hp, mesh, dtype = self.hparams, self.device_mesh, fsdp2_param_dtype(self)
         policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
+        add_planned_adapters(self, policy)  # e.g. EMAReference's adapter, before sharding
         if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
             self.reference = fsdp2_shard(copy.deepcopy(policy).requires_grad_(False).eval(), mesh, dtype)
         critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
         check_critic_tokenizer(self.critic_spec, critic, self.tokenizer)
         # FSDP2 under ModelParallelStrategy (each decoder layer one unit; the frozen reward model too), else unchanged
         self.policy, self.critic = fsdp2_shard(policy, mesh, dtype), fsdp2_shard_scalar(critic, mesh, dtype)
-        if mesh is not None and callable(getattr(self.reward_fn, "shard", None)):
-            self.reward_fn.shard(mesh)
+        getattr(self.reward_fn, "shard", lambda mesh: None)(mesh)  # no-op without a mesh
         for dropout in (m for m in self.modules() if hp.disable_dropout and isinstance(m, nn.Dropout)):
             dropout.p = 0.0
 

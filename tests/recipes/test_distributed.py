@@ -148,6 +148,26 @@ def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
 
 
 @pytest.mark.slow
+def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
+    """LoRA PPO (policy and critic) with an EMA reference adapter: ``EMAReference`` plans its adapter
+    (`modules.policy.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is sharded
+    like the policy's adapter and lerped on local shards. 2 x 4 prompts end where 1 x 8 does (merged exports, to
+    5e-4), while a rollout of 4 prompts ends elsewhere."""
+    _skip_without_gloo()
+    lora = json.dumps({"r": 4, "alpha": 8, "dropout": 0.0})
+    ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
+           "--model.init_args.target_kl", "1000.0", "--model.init_args.model.lora", lora,
+           "--model.init_args.critic.lora", json.dumps({**json.loads(lora), "modules_to_save": ["score"]}))
+    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size")
+    single = _fit(tmp_path, "lora-ppo-single", 1, "auto", global_batch=8, **kwargs)
+    control = _fit(tmp_path, "lora-ppo-control", 1, "auto", global_batch=4, **kwargs)
+    assert _gap(control, single) > 10 * PPO_TOLERANCE
+    double = _fit(tmp_path, "lora-ppo-fsdp2", 2, FSDP2, global_batch=8, **kwargs)
+    _assert_same(double, single, PPO_TOLERANCE, "lora ppo fsdp2")
+
+
+@pytest.mark.slow
 def test_fsdp2_sharded_checkpoint_resumes_and_exports(tmp_path):
     """FSDP2, 2 processes: 2 steps write a distributed checkpoint (a folder of shards); a second run resumes from it
     for 2 more steps and ends where 4 uninterrupted steps end (1e-6: same layout, same order of operations); its
