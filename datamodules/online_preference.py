@@ -24,6 +24,7 @@ from datamodules.prompts import (
 )
 from datamodules.resumable import ResumableLoaderMixin
 from datamodules.tokenizer import load_tokenizer
+from modules.distributed import own_state, per_rank_state
 from modules.generation import sample
 
 log = logging.getLogger(__name__)
@@ -240,11 +241,12 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.update(round=self.round, pairs=self.train_set, history=self.history,
-                     rng=self.generator.get_state() if self.generator is not None else self._rng_state)
+                     rng=per_rank_state(self.generator.get_state() if self.generator is not None else self._rng_state))
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.round, self.train_set = state_dict.get("round"), list(state_dict.get("pairs", []))
         self.history = list(state_dict.get("history", []))
-        self._rng_state, self.generator = state_dict.get("rng"), None
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        self._rng_state, self.generator = own_state(state_dict.get("rng"), rank, "DPO-Iter sampling generator"), None

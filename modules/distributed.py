@@ -67,6 +67,33 @@ def all_gather_flat(x: Tensor) -> Tensor:
     return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
 
 
+def per_rank_state(state: object) -> list[object]:
+    """Every rank's ``state``, in rank order (``[state]`` on one process): for a checkpoint that rank 0 writes alone
+    (Lightning's DDP file, the metadata file of a distributed checkpoint), so each rank's own value survives; read it
+    back with `own_state`. A collective: every rank calls it."""
+    if world_size() == 1:
+        return [state]
+    states: list[object] = [None] * world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def own_state(states: object, rank: int, what: str) -> object | None:
+    """This rank's entry of a `per_rank_state` list. A checkpoint written by another number of ranks cannot give
+    each rank its own value: a warning names ``what`` and None is returned (start it afresh). A single value (a
+    checkpoint from before per-rank states) is returned as it is."""
+    if not isinstance(states, list):
+        return states
+    if len(states) != world_size():
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: the checkpoint holds %d ranks' states, this run has %d ranks; starting it afresh on every rank "
+            "(the run continues, but not exactly as an uninterrupted one would).", what, len(states), world_size())
+        return None
+    return states[rank]
+
+
 def update_global_moments(moments: RunningMoments, x: Tensor) -> None:
     """Merge every rank's ``x`` into ``moments``, so each rank's running statistics are the same."""
     moments.update(all_gather_flat(x))

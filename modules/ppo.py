@@ -14,8 +14,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from modules.distributed import (all_reduce_sum, fsdp2_shard_scalar, global_masked_whiten, update_global_moments,
-                                 world_size)
+from modules.distributed import (all_reduce_sum, fsdp2_shard_scalar, global_masked_whiten, own_state,
+                                 per_rank_state, update_global_moments, world_size)
 from modules.export import save_pretrained
 from modules.generation import response_logprobs, response_values, sample
 from modules.losses import PPOPolicyLoss, PPOValueLoss
@@ -257,12 +257,12 @@ class PPOModule(L.LightningModule):
 
     # --- checkpointing: generator, running moments (the rest is model, optimizer and loop state) -----------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ppo"] = {"rng": self.rng().get_state(), "reward_moments": self.reward_moments.state_dict(),
-                             "value_moments": self.value_moments.state_dict()}
+        moments = {"reward_moments": self.reward_moments.state_dict(), "value_moments": self.value_moments.state_dict()}
+        checkpoint["ppo"] = {"rng": per_rank_state(self.rng().get_state()), **moments}  # rng: each rank's own
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("ppo", {})
-        self._rng_state, self.generator = state.get("rng"), None
+        self._rng_state, self.generator = own_state(state.get("rng"), self.global_rank, "PPO sampling generator"), None
         self.reward_moments.load_state_dict(state.get("reward_moments", RunningMoments().state_dict()))
         self.value_moments.load_state_dict(state.get("value_moments", RunningMoments().state_dict()))
 

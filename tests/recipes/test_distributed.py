@@ -202,6 +202,29 @@ def test_fsdp2_sharded_checkpoint_resumes_and_exports(tmp_path):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+@pytest.mark.slow
+def test_ppo_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
+    """The headline PPO set-up on 2 processes (FSDP2, sampled rollouts, an EMA reference, running reward and value
+    moments), stopped after 2 iterations and resumed from its distributed checkpoint, ends where 4 uninterrupted
+    iterations end (1e-6): every rank's sampling generator, the moments, the EMA reference and both optimizers
+    come back."""
+    _skip_without_gloo()
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 2, "save_top_k": -1,
+                          "filename": "{step}"}}
+    ema = {"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}}
+    ppo = ("--model.init_args.mini_batch_size", "null", "--model.init_args.ppo_epochs", "2",
+           "--model.init_args.normalize_rewards", "true", "--model.init_args.normalize_values", "true")
+    kwargs = dict(config="yaml/tiny/ppo.yaml", global_batch=8, batch_arg="rollout_batch_size")
+    straight = _fit(tmp_path, "ppo-straight", 2, FSDP2, extra=ppo, callbacks=(ema,), **kwargs)
+    _fit(tmp_path, "ppo-first", 2, FSDP2, steps=2, extra=ppo, callbacks=(ema, ckpt), **kwargs)
+    first_ckpt = tmp_path / "ckpts" / "step=2.ckpt"
+    assert (first_ckpt / ".metadata").is_file(), sorted(os.listdir(tmp_path / "ckpts"))
+    resumed = _fit(tmp_path, "ppo-resumed", 2, FSDP2, extra=(*ppo, "--ckpt_path", str(first_ckpt)),
+                   callbacks=(ema, ckpt), **kwargs)
+    _assert_same(resumed, straight, 1e-6, "ppo resumed")
+
+
 def _sharded_worker(rank: int, init_file: str, result_file: str, rm_path: str) -> None:
     """Rank ``rank`` of the 2-process check below; writes its findings to ``result_file.<rank>``."""
     import copy
