@@ -1,6 +1,7 @@
 """The PPO configs: yaml/ppo_llama2.yaml holds the paper's HH-RLHF settings, and the Table-3 ablation ladder adds
 exactly one trick per rung (Xu et al., arXiv 2404.10719, Sec. 5 and Table 3)."""
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -50,3 +51,64 @@ def test_ablation_ladder_adds_one_trick_per_rung():
     assert base[m + "normalize_advantages"] is False and advnorm[m + "normalize_advantages"] is True
     assert [r["data.init_args.rollout_batch_size"] // r[m + "mini_batch_size"] for r in (advnorm, large)] == [1, 4]
     assert EMA not in large["trainer.callbacks"] and EMA in ema["trainer.callbacks"]
+
+
+HEADLINE = [  # (config, processes, extra overrides)
+    ("yaml/ppo_llama2.yaml", 2, ("--trainer.strategy.init_args.data_parallel_size", "2")),
+    ("yaml/ppo_llama2_lora.yaml", 1, ()),
+    ("yaml/ppo_llama2_lora.yaml", 1, ("--model.init_args.model.load_in_4bit", "true")),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config, processes, extra", HEADLINE, ids=["fsdp2-2-processes", "lora", "qlora"])
+def test_headline_ppo_yamls_run_on_cpu(tmp_path, config, processes, extra):
+    """The two headline PPO configs as shipped, with only the hardware, the sizes and the paths overridden: tiny
+    random Llamas on the real Llama-2 tokenizer, the real HH-RLHF harmless test prompts, two iterations.
+    yaml/ppo_llama2.yaml on 2 CPU processes (FSDP2, bf16-mixed, sharded reward model, EMA reference, sample logger,
+    distributed checkpoints, HF export: the checkpoint is a sharded folder, the export loads in plain transformers);
+    yaml/ppo_llama2_lora.yaml on one (LoRA policy and critic, the EMA adapter; merged export), and as QLoRA (4-bit
+    base through bitsandbytes; exported as an adapter, which must have been trained: its B matrices start at 0)."""
+    import csv
+    import math
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from datamodules.tokenizer import load_tokenizer
+    from tests.conftest import shared_file
+    from tests.recipes.test_distributed import _run, _skip_without_gloo
+
+    _skip_without_gloo()
+    tok_dir = shared_file("llama2-tokenizer/tokenizer.model").parent
+    hh = shared_file("hh-rlhf/harmless-base-test.jsonl.gz")
+    tok = load_tokenizer(str(tok_dir))
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(tmp_path / "sft")
+    rm = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg, num_labels=1))
+    rm.save_pretrained(tmp_path / "rm")
+    for folder in ("sft", "rm"):
+        tok.save_pretrained(tmp_path / folder)
+    run = tmp_path / "run"
+    _run([sys.executable, "-m", "recipes", "fit", "--config", config, "--trainer.accelerator", "cpu",
+          "--trainer.devices", str(processes), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
+          "--trainer.default_root_dir", str(run), "--model.init_args.model.name_or_path", str(tmp_path / "sft"),
+          "--model.init_args.critic.name_or_path", str(tmp_path / "rm"),
+          "--model.init_args.reward.init_args.path", str(tmp_path / "rm"),
+          "--model.init_args.max_new_tokens", "8", "--model.init_args.generation_batch_size", "2",
+          "--model.init_args.mini_batch_size", "2", "--model.init_args.micro_batch_size", "1",
+          "--data.init_args.tokenizer", str(tok_dir), "--data.init_args.data", str(hh),
+          "--data.init_args.rollout_batch_size", "4", *extra], tmp_path)
+    version = run / "lightning_logs" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt" / ".metadata").is_file() == (processes == 2)  # sharded folder
+    rows = [r for r in csv.DictReader(open(version / "metrics.csv")) if r.get("ppo/reward")]
+    assert len(rows) == 2 and all(math.isfinite(float(r["ppo/kl"])) for r in rows)
+    if "load_in_4bit" in extra:  # a 4-bit base is exported as its adapter
+        adapter = load_file(version / "hf" / "adapter_model.safetensors")
+        assert max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k) > 0
+    else:
+        assert AutoModelForCausalLM.from_pretrained(version / "hf").config.vocab_size == 32000

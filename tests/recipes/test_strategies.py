@@ -171,3 +171,15 @@ def test_fsdp_strategy_clips_by_norm_through_the_fsdp_root(tiny_spec, byte_token
     module._trainer = SimpleNamespace(strategy=strategy)
     module.configure_gradient_clipping(None, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     assert calls == [1.0]
+
+
+@pytest.mark.parametrize("path, strategy", [(p, s) for p, s in STRATEGY_YAML if "ModelParallel" in s["class_path"]],
+                         ids=[str(p) for p, s in STRATEGY_YAML if "ModelParallel" in s["class_path"]])
+def test_model_parallel_sizes_cover_every_process(path, strategy):
+    """ModelParallelStrategy refuses to start unless data_parallel_size x tensor_parallel_size is the world size, and
+    its "auto" data-parallel size means the number of nodes (not of GPUs): the YAML states the sizes outright."""
+    trainer = yaml.safe_load((REPO / path).read_text())["trainer"]
+    sizes = strategy["init_args"]
+    assert isinstance(sizes["data_parallel_size"], int) and isinstance(sizes["tensor_parallel_size"], int), path
+    world = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
+    assert sizes["data_parallel_size"] * sizes["tensor_parallel_size"] == world, path
