@@ -99,9 +99,13 @@ class DPOIterRound(Callback):
         if mode == "none":
             return
         if isinstance(reference, nn.Module):
-            ref_state = dict(reference.named_parameters()) | dict(reference.named_buffers())
-            for name, tensor in list(policy.named_parameters()) + list(policy.named_buffers()):
-                ref_state[name].copy_(tensor.detach())
+            reshard(pl_module)  # FSDP2: copy shard to shard (a root gathered after a forward holds plain tensors)
+            ref_params, ref_buffers = dict(reference.named_parameters()), dict(reference.named_buffers())
+            for index, (name, param) in enumerate(policy.named_parameters()):
+                local_ref, local_param = local_pair(index, ref_params[name], param)
+                local_ref.copy_(local_param.detach())
+            for name, buffer in policy.named_buffers():
+                ref_buffers[name].copy_(buffer)
         elif mode == "precomputed":
             if is_peft(policy):
                 raise ValueError("DPOIterRound: reference_mode 'precomputed' with LoRA measures against the base model "
@@ -110,7 +114,7 @@ class DPOIterRound(Callback):
             pl_module.precompute_reference(trainer.datamodule)
         elif is_peft(policy):
             ensure_adapter(policy, self.adapter_name)
-            reshard(policy)  # FSDP2: copy into the shards, not into a gathered copy a later forward would read
+            reshard(policy)  # FSDP2: copy shard to shard, as above
             for index, (ref, param) in enumerate(adapter_pairs(policy, self.adapter_name)):
                 local_ref, local_param = local_pair(index, ref, param)
                 local_ref.copy_(local_param.detach())
