@@ -152,7 +152,8 @@ def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
     """LoRA PPO (policy and critic) with an EMA reference adapter: ``EMAReference`` plans its adapter
     (`modules.policy.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is sharded
     like the policy's adapter and lerped on local shards. 2 x 4 prompts end where 1 x 8 does (merged exports, to
-    5e-4), while a rollout of 4 prompts ends elsewhere."""
+    5e-4), while a rollout of 4 prompts ends elsewhere; the sharded checkpoint exports (`python -m recipes.export`)
+    to exactly what the run exported."""
     _skip_without_gloo()
     lora = json.dumps({"r": 4, "alpha": 8, "dropout": 0.0})
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
@@ -163,8 +164,16 @@ def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
     single = _fit(tmp_path, "lora-ppo-single", 1, "auto", global_batch=8, **kwargs)
     control = _fit(tmp_path, "lora-ppo-control", 1, "auto", global_batch=4, **kwargs)
     assert _gap(control, single) > 10 * PPO_TOLERANCE
-    double = _fit(tmp_path, "lora-ppo-fsdp2", 2, FSDP2, global_batch=8, **kwargs)
+    ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 2, "filename": "{step}"}}
+    double = _fit(tmp_path, "lora-ppo-fsdp2", 2, FSDP2, global_batch=8, **{**kwargs, "callbacks": (*ema, ckpt)})
     _assert_same(double, single, PPO_TOLERANCE, "lora ppo fsdp2")
+    # the sharded checkpoint (base, policy and EMA adapters, critic) exports, merged, to what the run exported
+    out = tmp_path / "exported"
+    _run([sys.executable, "-m", "recipes.export", "--config", str(tmp_path / "lora-ppo-fsdp2" / "config.yaml"),
+          "--ckpt_path", str(tmp_path / "ckpts" / "step=2.ckpt"), "--out", str(out)], tmp_path)
+    exported = load_file(out / "model.safetensors")
+    assert exported.keys() == double.keys() and all(torch.equal(exported[k], v) for k, v in double.items())
 
 
 @pytest.mark.slow
