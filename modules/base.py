@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
+from modules.distributed import is_sharded
 from modules.export import save_pretrained
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard
 from modules.optim import adamw, build_optimization
@@ -88,6 +89,10 @@ class AlignmentModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.network is None:  # Lightning may call this more than once
             setattr(self, self.network_attr, self.build_network())
+            if self.device_mesh is not None and not is_sharded(self.network):  # no DDP either: ranks would diverge
+                raise RuntimeError(f"{type(self).__name__}.build_network returned an unsharded network under "
+                                   "ModelParallelStrategy, which synchronizes nothing else: shard it with "
+                                   "modules.models.fsdp2_shard (or fsdp2_shard_scalar) over self.device_mesh.")
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

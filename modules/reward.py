@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from modules.base import AlignmentModule
 from modules.losses import PairwiseRewardLoss
-from modules.models import ModelSpec
+from modules.distributed import fsdp2_shard_scalar
+from modules.models import ModelSpec, fsdp2_param_dtype
 from modules.optim import adamw
 from modules.scalar_models import build_scalar_model, sequence_scores
 
@@ -97,5 +98,7 @@ class RewardModule(AlignmentModule):
 
     # --- setup ------------------------------------------------------------------------------------------------
     def build_network(self) -> nn.Module:
-        """A causal-LM backbone with a fresh scalar head; exports as ``AutoModelForSequenceClassification``."""
-        return build_scalar_model(self.spec, self.tokenizer, self.hparams.max_length)
+        """A causal-LM backbone with a fresh scalar head; exports as ``AutoModelForSequenceClassification``. Under
+        ``ModelParallelStrategy`` backbone layers and head are FSDP2 units (`sequence_scores` calls them directly)."""
+        network = build_scalar_model(self.spec, self.tokenizer, self.hparams.max_length)
+        return fsdp2_shard_scalar(network, self.device_mesh, fsdp2_param_dtype(self))

@@ -72,3 +72,17 @@ def test_optimizer_gets_the_network_of_the_module(cls, byte_tokenizer):
     assert module.network is network
     optimizer = module.configure_optimizers()["optimizer"]
     assert [p for group in optimizer.param_groups for p in group["params"]] == list(network.parameters())
+
+
+def test_an_unsharded_network_under_model_parallel_is_refused(byte_tokenizer):
+    """ModelParallelStrategy synchronizes only FSDP2-sharded parameters: a network left unsharded would train a
+    separate copy on every rank, so configure_model refuses it at once."""
+
+    class Unsharded(SFTModule):
+        def build_network(self):
+            return torch.nn.Linear(2, 2)
+
+    module = Unsharded(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=byte_tokenizer)
+    module._device_mesh = object()  # what the strategy sets before configure_model
+    with pytest.raises(RuntimeError, match="unsharded network under ModelParallelStrategy"):
+        module.configure_model()

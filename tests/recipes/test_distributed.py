@@ -102,6 +102,22 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
 
 
 @pytest.mark.slow
+def test_reward_model_ddp_and_fsdp2_match_one_process(tmp_path):
+    """The reward model's pairwise loss is a per-pair mean: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2
+    (backbone layers and head sharded: `modules.distributed.fsdp2_shard_scalar`). Before the reward model was sharded,
+    each FSDP2 rank trained its own unsynchronized copy and the export differed from the checkpoint."""
+    _skip_without_gloo()
+    rm = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
+          "--model.init_args.scheduler.init_args.warmup_steps", "0")
+    kwargs = dict(config="yaml/tiny/reward.yaml", extra=rm)
+    single = _fit(tmp_path, "rm-single", 1, "auto", **kwargs)
+    control = _fit(tmp_path, "rm-control", 1, "auto", global_batch=2, **kwargs)
+    assert _gap(control, single) > 10 * TOLERANCE
+    for label, strategy in (("ddp", "ddp"), ("fsdp2", FSDP2)):
+        _assert_same(_fit(tmp_path, f"rm-{label}", 2, strategy, **kwargs), single, TOLERANCE, f"reward {label}")
+
+
+@pytest.mark.slow
 def test_dpo_ddp_and_fsdp2_match_one_process_with_frozen_and_precomputed_reference(tmp_path):
     """DPO's per-pair mean is exact under data parallelism: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2,
     with a frozen reference copy (sharded like the policy under FSDP2) and with the precomputed reference (each
