@@ -118,6 +118,22 @@ def test_reward_model_ddp_and_fsdp2_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_rrhf_and_pro_under_fsdp2_match_one_process(tmp_path):
+    """The ranking baselines (RRHF, PRO) under FSDP2: 2 x 2 ranked lists end where 1 x 4 do (1e-4), while RRHF on
+    another global batch ends elsewhere."""
+    _skip_without_gloo()
+    ranking = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
+               "--model.init_args.scheduler.init_args.warmup_steps", "0")
+    for name in ("rrhf", "pro"):
+        kwargs = dict(config=f"yaml/tiny/{name}.yaml", extra=ranking)
+        single = _fit(tmp_path, f"{name}-single", 1, "auto", **kwargs)
+        if name == "rrhf":
+            control = _fit(tmp_path, "rrhf-control", 1, "auto", global_batch=2, **kwargs)
+            assert _gap(control, single) > 10 * TOLERANCE
+        _assert_same(_fit(tmp_path, f"{name}-fsdp2", 2, FSDP2, **kwargs), single, TOLERANCE, f"{name} fsdp2")
+
+
+@pytest.mark.slow
 def test_dpo_ddp_and_fsdp2_match_one_process_with_frozen_and_precomputed_reference(tmp_path):
     """DPO's per-pair mean is exact under data parallelism: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2,
     with a frozen reference copy (sharded like the policy under FSDP2) and with the precomputed reference (each
