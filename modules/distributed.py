@@ -67,6 +67,14 @@ def all_gather_flat(x: Tensor) -> Tensor:
     return torch.cat([p[:int(c.item())] for p, c in zip(parts, counts)])
 
 
+def local_part(param: Tensor) -> Tensor:
+    """The part of a parameter this rank holds: an FSDP2 DTensor's local shard, a DeepSpeed ZeRO-3 partition
+    (``ds_tensor``; the parameter itself is then an empty placeholder), else the whole tensor."""
+    if hasattr(param, "ds_tensor"):
+        return param.ds_tensor
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def per_rank_state(state: object) -> list[object]:
     """Every rank's ``state``, in rank order (``[state]`` on one process): for a checkpoint that rank 0 writes alone
     (Lightning's DDP file, the metadata file of a distributed checkpoint), so each rank's own value survives; read it

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from modules.base import AlignmentModule
+from modules.distributed import local_part, per_rank_state, reshard
 from modules.losses import DPOLoss
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw
@@ -251,15 +252,23 @@ class DPOModule(AlignmentModule):
         return logps if logps is not None else self._logps(self.policy, batch)
 
     def _model_fingerprint(self) -> str:
-        """Hash of the reference weights (a strided sample of each base tensor) and of what changes the values."""
-        h = hashlib.sha256(repr((self.hparams.average_logprobs, getattr(self._trainer, "precision", None))).encode())
+        """Hash of the reference weights (a strided sample of each base tensor) and of what changes the values.
+
+        Each rank hashes the part of each weight it holds (`modules.distributed.local_part`: the FSDP2 shard, the
+        ZeRO-3 partition, or all of it), and the ranks' digests are hashed together: nothing is gathered, and a ZeRO-3
+        placeholder (an empty tensor) cannot make two different models look alike. A collective under several
+        processes."""
+        reshard(self.policy)  # FSDP2: hash the shards, not a root left gathered by an earlier forward
+        h = hashlib.sha256()
         for name, param in self.policy.named_parameters():
             if "lora_" in name:  # adapters are disabled in the reference pass
                 continue
-            flat = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().reshape(-1)  # FSDP2
-            h.update(f"{name}{tuple(param.shape)}".encode())
+            flat = local_part(param).detach().reshape(-1)
+            h.update(f"{name}{tuple(getattr(param, 'ds_shape', param.shape))}".encode())
             h.update(flat[:: max(1, flat.numel() // 4096)].to(torch.float32, copy=True).cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        settings = repr((self.hparams.average_logprobs, getattr(self._trainer, "precision", None)))
+        digests = per_rank_state(h.hexdigest())
+        return hashlib.sha256((settings + "".join(map(str, digests))).encode()).hexdigest()[:16]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.reference_logps:

@@ -126,12 +126,14 @@ def test_every_strategy_family_is_shipped():
 def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
     """Under ``deepspeed.zero.Init`` (where Lightning's ZeRO-3 runs ``configure_model``, here with bf16 as
     ``precision: bf16-mixed`` sets it), `build_causal_lm` from a saved folder gives partitioned parameters that
-    gather to the saved weights (in bf16); plain ``from_pretrained`` there fails with a size mismatch. CPU, one
-    gloo process; needs deepspeed (the `dev` extra)."""
+    gather to the saved weights (in bf16); plain ``from_pretrained`` there fails with a size mismatch. The DPO
+    reference cache key tells such partitioned models apart. CPU, one gloo process; needs deepspeed (the `dev`
+    extra)."""
     deepspeed = pytest.importorskip("deepspeed")
     import torch
     from transformers import AutoModelForCausalLM
 
+    from modules.dpo import DPOModule
     from modules.models import ModelSpec, build_causal_lm
     from tests.conftest import TINY_LLAMA
 
@@ -152,6 +154,17 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
             with deepspeed.zero.GatheredParameters(list(params.values())):
                 for name, param in params.items():
                     assert torch.equal(param.data, saved[name].to(torch.bfloat16)), name
+            # the precomputed-reference cache key reads the ZeRO-3 partitions, not the empty placeholders: another
+            # model of the same shapes gets another key, the same weights the same key
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                same = build_causal_lm(ModelSpec(name_or_path=str(folder)))
+                other = build_causal_lm(ModelSpec(config=dict(TINY_LLAMA, vocab_size=64)))
+            keys = []
+            for policy in (model, same, other):
+                module = DPOModule(model=ModelSpec(config=dict(TINY_LLAMA, vocab_size=64)))
+                module.policy = policy
+                keys.append(module._model_fingerprint())
+            assert keys[0] == keys[1] != keys[2]
         finally:
             torch.distributed.destroy_process_group()
 
