@@ -24,12 +24,14 @@ class EMAReference(Callback):
 
     - Full fine-tuning: the module's ``reference`` attribute, a frozen ``nn.Module`` with the policy's parameter
       names, is updated in place (``torch.lerp``).
-    - Sharded (FSDP2 / ``ModelParallelStrategy``): policy and reference are sharded alike, so each rank averages its
-      local shards (``DTensor.to_local``) in place; nothing is gathered, and the reference stays sharded.
+    - Sharded (FSDP2 / ``ModelParallelStrategy``, or DeepSpeed ZeRO-3): policy and reference are sharded alike, so
+      each rank averages its local shards (``DTensor.to_local``, ``ds_tensor``) in place; nothing is gathered, and
+      the reference stays sharded.
     - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy by the
       module's ``configure_model`` (`modules.policy.plan_adapter`: before sharding, so under FSDP2 it is sharded like
-      the policy's adapter) and initialized from the policy's adapter at the start of a fresh fit; the module's ``reference_adapter`` is set to it so
-      that it runs its reference through ``modules.policy.reference_context(policy, reference_adapter)``. Only the
+      the policy's adapter) and initialized from the policy's adapter at the start of a fresh fit; the module's
+      ``reference_adapter`` is set to it so that it runs its reference through
+      ``modules.policy.reference_context(policy, reference_adapter)``. Only the
       adapter factors are averaged (the reference is ``base + B_ema A_ema``, not the average of ``B A``), and no
       second base model exists.
 
@@ -125,10 +127,18 @@ class EMAReference(Callback):
 
 
 def local_pair(index: int, ref: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of a (reference, policy) parameter pair: the local shards of two DTensors sharded alike (an
-    in-place lerp on them updates the sharded reference, with no gather), or the tensors themselves."""
+    """This rank's part of a (reference, policy) parameter pair: the local shards of two DTensors sharded alike or
+    the ZeRO-3 partitions of two parameters partitioned alike (an in-place lerp on them updates the sharded
+    reference, with no gather), or the tensors themselves (a ZeRO-3 parameter is an empty placeholder: a lerp on
+    it would silently do nothing)."""
     from torch.distributed.tensor import DTensor
 
+    if hasattr(ref, "ds_tensor") or hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: the partitions, alike
+        both = hasattr(ref, "ds_tensor") and hasattr(param, "ds_tensor")
+        if not both or ref.ds_tensor.shape != param.ds_tensor.shape:
+            raise ValueError(f"EMAReference: parameter #{index} is partitioned differently by ZeRO-3 in reference and "
+                             "policy; build both inside the same deepspeed.zero.Init (configure_model does).")
+        return ref.ds_tensor, param.ds_tensor
     if isinstance(ref, DTensor) != isinstance(param, DTensor):
         raise TypeError(f"EMAReference: parameter #{index} is sharded in only one of reference and policy; shard "
                         "both alike (configure_model applies the same fsdp2_shard to each).")

@@ -287,6 +287,10 @@ class DPOModule(AlignmentModule):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "
                              "reference_mode 'frozen_copy' or 'precomputed'.")
         mesh, dtype = self.device_mesh, fsdp2_param_dtype(self)
+        if self.mode == "frozen_copy" and any(hasattr(p, "ds_id") for p in policy.parameters()):
+            raise ValueError("reference_mode 'frozen_copy' under DeepSpeed ZeRO-3: a copy of partitioned weights is "
+                             "empty. Use reference_mode 'precomputed' (yaml/dpo_llama2_deepspeed_zero3.yaml), LoRA "
+                             "with 'disabled_adapter', ZeRO-2, or FSDP.")
         if self.mode == "frozen_copy":  # copied before sharding; under ModelParallelStrategy both are FSDP2-sharded
             self.reference = fsdp2_shard(copy.deepcopy(policy).eval().requires_grad_(False), mesh, dtype)
         self.policy = fsdp2_shard(policy, mesh, dtype)

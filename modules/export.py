@@ -14,10 +14,24 @@ from modules.models import is_peft
 log = logging.getLogger(__name__)
 
 
-def _full_state_dict_if_sharded(model: nn.Module) -> dict | None:
-    """Gather an FSDP2-sharded model's full state dict to CPU (a collective: every rank must call it)."""
+def _full_state_dict_if_sharded(model: nn.Module, is_writer: bool = True) -> dict | None:
+    """Gather a sharded model's full state dict to CPU (a collective: every rank must call it): FSDP2 DTensors, or
+    DeepSpeed ZeRO-3 partitions, one parameter at a time (``GatheredParameters``), kept by the writer only. None
+    for a model that is not sharded."""
     from torch.distributed.tensor import DTensor
 
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: the module holds empty placeholders
+        import deepspeed
+
+        state = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if not hasattr(tensor, "ds_id"):
+                state[name] = tensor.detach().cpu()
+                continue
+            with deepspeed.zero.GatheredParameters([tensor]):
+                if is_writer:
+                    state[name] = tensor.data.detach().cpu().clone()
+        return state
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -63,10 +77,10 @@ def save_pretrained(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
 
     A LoRA model is saved merged into its base (a copy is merged; the live model keeps its adapter) or, with
     ``merge_lora=False``, as a peft adapter folder. A 4-bit base cannot be merged losslessly, so it is saved as an
-    adapter with a warning. An FSDP2-sharded model is gathered first (every rank calls this; only ``is_writer``
-    writes); a sharded LoRA model is merged from the gathered state dict (`merged_lora_state_dict`).
+    adapter with a warning. An FSDP2- or ZeRO-3-sharded model is gathered first (every rank calls this; only
+    ``is_writer`` writes); a sharded LoRA model is merged from the gathered state dict (`merged_lora_state_dict`).
     """
-    full_state = _full_state_dict_if_sharded(model)
+    full_state = _full_state_dict_if_sharded(model, is_writer)
     if not is_writer:
         return path
     os.makedirs(path, exist_ok=True)

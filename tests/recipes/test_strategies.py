@@ -126,14 +126,17 @@ def test_every_strategy_family_is_shipped():
 def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
     """Under ``deepspeed.zero.Init`` (where Lightning's ZeRO-3 runs ``configure_model``, here with bf16 as
     ``precision: bf16-mixed`` sets it), `build_causal_lm` from a saved folder gives partitioned parameters that
-    gather to the saved weights (in bf16); plain ``from_pretrained`` there fails with a size mismatch. The DPO
-    reference cache key tells such partitioned models apart. CPU, one gloo process; needs deepspeed (the `dev`
-    extra)."""
+    gather to the saved weights (in bf16); plain ``from_pretrained`` there fails with a size mismatch. On such
+    partitioned models the DPO reference cache key tells them apart, the HF export gathers the real weights, the EMA
+    pairs are the partitions, and a DPO frozen reference copy is refused. CPU, one gloo process; needs deepspeed
+    (the `dev` extra)."""
     deepspeed = pytest.importorskip("deepspeed")
     import torch
     from transformers import AutoModelForCausalLM
 
+    from callbacks.ema_reference import local_pair
     from modules.dpo import DPOModule
+    from modules.export import save_pretrained
     from modules.models import ModelSpec, build_causal_lm
     from tests.conftest import TINY_LLAMA
 
@@ -165,6 +168,17 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
                 module.policy = policy
                 keys.append(module._model_fingerprint())
             assert keys[0] == keys[1] != keys[2]
+            # the HF export gathers the partitions one weight at a time (a plain save would write the placeholders)
+            save_pretrained(model, None, str(tmp_path / "export"))
+            exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.bfloat16).state_dict()
+            assert all(torch.equal(exported[name], saved[name].to(torch.bfloat16)) for name in params)
+            # EMA lerps ZeRO-3 partitions (on the placeholders it would silently do nothing)
+            ref, pol = local_pair(0, next(same.parameters()), next(other.parameters()))
+            assert ref.numel() > 0 and ref.shape == pol.shape
+            # a frozen copy of partitioned weights would be empty: refused with what to use instead
+            dpo = DPOModule(model=ModelSpec(name_or_path=str(folder)), reference_mode="frozen_copy")
+            with deepspeed.zero.Init(config_dict_or_path=config), pytest.raises(ValueError, match="frozen_copy"):
+                dpo.configure_model()
         finally:
             torch.distributed.destroy_process_group()
 
