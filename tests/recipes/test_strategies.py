@@ -210,3 +210,77 @@ def test_model_parallel_sizes_cover_every_process(path, strategy):
     assert isinstance(sizes["data_parallel_size"], int) and isinstance(sizes["tensor_parallel_size"], int), path
     world = trainer.get("devices", 1) * trainer.get("num_nodes", 1)
     assert sizes["data_parallel_size"] * sizes["tensor_parallel_size"] == world, path
+
+
+DEEPSPEED_STEP = """
+import sys
+import deepspeed
+import torch
+from datamodules.tokenizer import load_tokenizer
+from modules.models import ModelSpec
+from modules.sft import SFTModule
+from tests.conftest import TINY_LLAMA
+
+stage, out = int(sys.argv[1]), sys.argv[2]
+deepspeed.init_distributed(dist_backend="gloo")
+module = SFTModule(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=load_tokenizer("builtin:byte"))
+module.configure_model()
+
+
+class Wrapped(torch.nn.Module):  # as lightning.pytorch.overrides.base._LightningModuleWrapperBase names it
+    def __init__(self, inner):
+        super().__init__()
+        self._forward_module = inner
+
+    def forward(self, ids):
+        return self._forward_module.policy(input_ids=ids).logits.float().pow(2).mean()
+
+
+model = Wrapped(module)
+initial = {name: p.detach().clone() for name, p in module.policy.named_parameters()}
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                  config={"zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": 1})
+engine.backward(engine(torch.tensor([[5, 6, 7, 8]])))
+engine.step()
+engine.save_checkpoint(out + "/ckpt", tag="checkpoint", client_state={})  # as DeepSpeedStrategy.save_checkpoint
+params = dict(module.policy.named_parameters())
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    trained = {name: p.detach().clone() for name, p in params.items()}
+torch.save({"initial": initial, "trained": trained}, out + "/weights.pt")
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoint_exports_to_the_trained_weights(stage, tmp_path):
+    """A ZeRO-2 / ZeRO-3 checkpoint in the layout Lightning's DeepSpeedStrategy writes (the engine's
+    ``save_checkpoint(dir, tag="checkpoint")`` of the LightningModule wrapped as ``_forward_module``), made by a real
+    DeepSpeed engine on the CPU after one optimizer step, becomes with ``python -m recipes.export`` a Hugging Face
+    folder holding exactly the trained weights. Needs deepspeed (the `dev` extra); the engine runs in its own
+    process (deepspeed keeps global state)."""
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import TINY_LLAMA
+
+    config = yaml.safe_load((REPO / "yaml" / "tiny" / "sft.yaml").read_text())
+    config["model"]["init_args"]["model"]["config"] = dict(TINY_LLAMA)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29550 + stage), RANK="0", WORLD_SIZE="1",
+               LOCAL_RANK="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for cmd in ([sys.executable, "-c", DEEPSPEED_STEP, str(stage), str(tmp_path)],
+                [sys.executable, "-m", "recipes.export", "--config", str(tmp_path / "config.yaml"),
+                 "--ckpt_path", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]):
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = torch.load(tmp_path / "weights.pt")
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() <= weights["trained"].keys()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, weights["trained"][name], rtol=0, atol=0, msg=name)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(exported[name], weights["initial"][name])  # the step moved it; the export holds the move
