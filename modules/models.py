@@ -94,7 +94,9 @@ def config_from_spec(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None,
 
 def _random_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None,
                   max_length: int | None) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_config(config_from_spec(spec, tokenizer, max_length), dtype=torch_dtype(spec.dtype))
+    with _transformers_knows_zero3():  # inside deepspeed.zero.Init, initialize the partitioned weights
+        return AutoModelForCausalLM.from_config(config_from_spec(spec, tokenizer, max_length),
+                                                dtype=torch_dtype(spec.dtype))
 
 
 def _quantization_config(spec: ModelSpec):

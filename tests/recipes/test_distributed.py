@@ -209,6 +209,36 @@ def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_match_one_process(tmp_path, monkeypatch):
+    """Lightning's DeepSpeedStrategy on 2 CPU processes (``tests/deepspeed_cpu`` bypasses only its CUDA device
+    bookkeeping): SFT under ZeRO-2 and ZeRO-3 and DPO with the precomputed reference under ZeRO-3 (each rank's share
+    of the reference pass on partitioned weights, equal forward counts) end where one process ends on the same global
+    batch (1e-4), and the HF export of the ZeRO-3 runs gathers the partitions. The runs start from one saved model:
+    a random init inside ``deepspeed.zero.Init`` draws other weights than a plain one."""
+    _skip_without_gloo()
+    pytest.importorskip("deepspeed")
+    from datamodules.tokenizer import load_tokenizer
+    from modules.models import ModelSpec, build_causal_lm
+    from tests.conftest import TINY_LLAMA
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests" / "deepspeed_cpu"), str(REPO)]))
+    tok = load_tokenizer("builtin:byte")
+    build_causal_lm(ModelSpec(config=dict(TINY_LLAMA)), tok).save_pretrained(tmp_path / "init")
+    tok.save_pretrained(tmp_path / "init")
+    start = ("--model.init_args.model.name_or_path", str(tmp_path / "init"), "--trainer.gradient_clip_val", "null",
+             "--model.init_args.scheduler.init_args.warmup_steps", "0")
+    sft = (*start, "--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200")
+    dpo = (*start, "--data.init_args.max_rows", "120", "--model.init_args.reference_mode", "precomputed")
+    for name, config, extra, stages in (("sft", "yaml/tiny/sft.yaml", sft, (2, 3)),
+                                        ("dpo", "yaml/tiny/dpo.yaml", dpo, (3,))):
+        single = _fit(tmp_path, f"{name}-single", 1, "auto", config=config, extra=extra)
+        for stage in stages:
+            strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": stage}}
+            double = _fit(tmp_path, f"{name}-zero{stage}", 2, strategy, config=config, extra=extra)
+            _assert_same(double, single, TOLERANCE, f"{name} zero-{stage}")
+
+
+@pytest.mark.slow
 def test_fsdp2_sharded_checkpoint_resumes_and_exports(tmp_path):
     """FSDP2, 2 processes: 2 steps write a distributed checkpoint (a folder of shards); a second run resumes from it
     for 2 more steps and ends where 4 uninterrupted steps end (1e-6: same layout, same order of operations); its
