@@ -3,10 +3,11 @@ a tiny random Llama on the real Llama-2 tokenizer, the real HH-RLHF harmless tes
 from ../shared/data (PKU-SafeRLHF: the exact-format fixture), two optimizer steps, then the HF export.
 
 ``FSDPStrategy`` refuses a CPU, so those YAMLs run under Lightning's FSDP2 (``ModelParallelStrategy``) on two gloo
-processes instead: model, data, callbacks, precision and optimization are the YAML's own. The DeepSpeed YAMLs hold
-the same modules as their FSDP twins and are checked by construction (test_strategies.py); the PPO YAMLs run in
-test_ppo_configs.py. Markers ``slow`` and ``distributed``."""
+processes instead: model, data, callbacks, precision and optimization are the YAML's own. The DeepSpeed YAMLs run
+with their own strategy on two processes (``tests/deepspeed_cpu`` bypasses only Lightning's CUDA device bookkeeping;
+needs deepspeed, the `dev` extra). The PPO YAMLs run in test_ppo_configs.py. Markers ``slow`` and ``distributed``."""
 
+import os
 import sys
 
 import pytest
@@ -20,7 +21,8 @@ FSDP2 = '{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", ' 
         '"init_args": {"data_parallel_size": 2, "tensor_parallel_size": 1}}'
 SAFERLHF = REPO / "tests" / "fixtures" / "saferlhf" / "pairs.jsonl"
 CONFIGS = ["sft_llama2", "sft_llama2_lora", "sft_saferlhf_llama2", "reward_llama2", "dpo_llama2", "dpo_llama2_lora",
-           "dpo_saferlhf_llama2", "dpo_iter_llama2", "rrhf_llama2", "pro_llama2"]
+           "dpo_saferlhf_llama2", "dpo_iter_llama2", "rrhf_llama2", "pro_llama2", "sft_llama2_deepspeed_zero2",
+           "reward_llama2_deepspeed_zero2", "dpo_llama2_deepspeed_zero3"]
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +47,21 @@ def tiny_llama2(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_llama2_yaml_runs_two_steps_on_cpu(name, tiny_llama2, tmp_path):
+def test_llama2_yaml_runs_two_steps_on_cpu(name, tiny_llama2, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from tests.recipes.test_distributed import _run, _skip_without_gloo
 
     config = yaml.safe_load((REPO / "yaml" / f"{name}.yaml").read_text())
     strategy = config["trainer"].get("strategy")
-    sharded = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy")
+    fsdp1 = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy")
+    deepspeed = isinstance(strategy, dict) and strategy["class_path"].endswith("DeepSpeedStrategy")
+    sharded = fsdp1 or deepspeed
     if sharded:
         _skip_without_gloo()
+    if deepspeed:
+        pytest.importorskip("deepspeed")
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests" / "deepspeed_cpu"), str(REPO)]))
     data = config["data"]["init_args"]
     sources = {"alpaca": "alpaca/alpaca_5000.json.gz", "hh": "hh-rlhf/harmless-base-test.jsonl.gz"}
     fmt = data["source_format"]
@@ -66,7 +73,7 @@ def test_llama2_yaml_runs_two_steps_on_cpu(name, tiny_llama2, tmp_path):
             "--model.init_args.model.name_or_path", str(tiny_llama2 / "sft"),
             "--data.init_args.tokenizer", str(tiny_llama2 / "sft"), "--data.init_args.data", str(source),
             "--data.init_args.batch_size", "2"]
-    if sharded:
+    if fsdp1:
         args += ["--trainer.strategy", FSDP2]
     if "val_data" in data:  # a local file has one split
         args += ["--data.init_args.val_data", str(source), "--data.init_args.val_split", "train"]
