@@ -46,7 +46,53 @@ def build_optimization(module: Any, params: Iterable[torch.nn.Parameter], optimi
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters (is everything frozen?).")
-    opt = optimizer(params)
+    return with_scheduler(module, optimizer(params), scheduler)
+
+
+def joint_optimization(module: Any, parts: list[tuple[Iterable[torch.nn.Parameter], OptimizerFactory]],
+                       scheduler: SchedulerFactory | None) -> dict[str, Any]:
+    """One optimizer over several parameter sets, each a parameter group with its own factory's settings (learning
+    rate, weight decay, betas), for an engine that takes one optimizer (DeepSpeed). For disjoint sets this steps
+    exactly as one optimizer per set would (Adam's statistics are per parameter); the factories must build one
+    optimizer class. The scheduler, if any, scales every group."""
+    built = [optimizer([p for p in params if p.requires_grad]) for params, optimizer in parts]
+    if len({type(opt) for opt in built}) > 1:
+        raise ValueError(f"{type(module).__name__}: one optimizer for all parameter sets needs one optimizer class, "
+                         f"got {sorted(type(opt).__name__ for opt in built)}.")
+    joint = built[0]
+    for other in built[1:]:
+        for group in other.param_groups:
+            joint.add_param_group(group)
+    return with_scheduler(module, joint, scheduler)
+
+
+def actor_critic_optimization(module: Any, actor: torch.nn.Module, critic: torch.nn.Module,
+                              factories: tuple, max_grad_norm: float | None) -> list[dict[str, Any]] | dict[str, Any]:
+    """PPO's optimization from ``(optimizer, critic_optimizer, scheduler, critic_scheduler)`` factories: one optimizer
+    (and scheduler) per model, each clipped by the module itself. Under DeepSpeed, which takes one optimizer, the two
+    models are two parameter groups of one optimizer (`joint_optimization`), the actor's scheduler scales both, and
+    DeepSpeed clips their joint gradient norm at ``max_grad_norm``; ZeRO-2 only, since a frozen reference copy of
+    ZeRO-3 partitioned weights is empty (FSDP2 shards all four models). FSDPStrategy is refused: its precision plugin
+    cannot clip norms."""
+    optimizer, critic_optimizer, scheduler, critic_scheduler = factories
+    strategy = module.trainer.strategy
+    if (name := type(strategy).__name__) == "FSDPStrategy":
+        raise ValueError(f"{type(module).__name__} cannot run under FSDPStrategy (its precision plugin cannot clip "
+                         "norms): use ModelParallelStrategy (FSDP2, yaml/ppo_llama2.yaml), DeepSpeed ZeRO-2 or DDP.")
+    if name != "DeepSpeedStrategy":
+        return [build_optimization(module, actor.parameters(), optimizer, scheduler),
+                build_optimization(module, critic.parameters(), critic_optimizer, critic_scheduler)]
+    if strategy.zero_stage_3 or critic_scheduler is not None:
+        raise ValueError(f"{type(module).__name__} under DeepSpeed: ZeRO-2 only (a frozen reference copy of ZeRO-3 "
+                         "weights is empty; use ModelParallelStrategy, FSDP2, to shard all four models), and one "
+                         "scheduler for both parameter groups (unset critic_scheduler).")
+    strategy.config["gradient_clipping"] = max_grad_norm or 0.0  # read when DeepSpeed starts, after this call
+    return joint_optimization(module, [(actor.parameters(), optimizer), (critic.parameters(), critic_optimizer)],
+                              scheduler)
+
+
+def with_scheduler(module: Any, opt: Optimizer, scheduler: SchedulerFactory | None) -> dict[str, Any]:
+    """``opt`` and, if given, its scheduler (stepped every optimizer step) in Lightning's return format."""
     if scheduler is None:
         return {"optimizer": opt}
     sched = scheduler(opt)

@@ -20,7 +20,7 @@ from modules.export import save_pretrained
 from modules.generation import response_logprobs, response_values, sample
 from modules.losses import PPOPolicyLoss, PPOValueLoss
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
-from modules.optim import adamw, build_optimization
+from modules.optim import actor_critic_optimization, adamw
 from modules.policy import add_planned_adapters
 from modules.rewards import RewardFunction
 from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
@@ -43,6 +43,9 @@ class PPOModule(L.LightningModule):
        micro-batches of ``micro_batch_size`` rows whose token-weighted gradients add up to the minibatch's): clipped
        policy loss for the actor optimizer, clipped value loss for the critic optimizer, gradient clipping, and an
        early stop of the iteration once a minibatch's ``approx_kl`` exceeds ``target_kl``.
+
+    Strategies: DDP, FSDP2 (``ModelParallelStrategy``: all four models sharded) and DeepSpeed ZeRO-2 (actor and
+    critic as two parameter groups of its one optimizer: `modules.optim.actor_critic_optimization`).
 
     The reference is a frozen copy ``self.reference`` for full fine-tuning; with LoRA it is the policy with adapters
     disabled, or with the adapter named ``self.reference_adapter`` (set by ``EMAReference``). The critic is a
@@ -72,7 +75,8 @@ class PPOModule(L.LightningModule):
         max_grad_norm: clip each model's gradient norm (None: no clipping).
         target_kl: stop the iteration's updates when a minibatch's approx KL exceeds it (None: never).
         disable_dropout: set every dropout to 0, so rollout and update see the same policy.
-        sampling_seed: seed of the sampling/shuffling generator (None: ``torch.initial_seed()``, set by ``seed_everything``).
+        sampling_seed: seed of the sampling/shuffling generator (None: ``torch.initial_seed()``, set by
+            ``seed_everything``).
     """
 
     def __init__(
@@ -122,16 +126,12 @@ class PPOModule(L.LightningModule):
         self.log("time/rollout_s", time.perf_counter() - start, batch_size=1)
         start, hp = time.perf_counter(), self.hparams
         opts, schedulers = self.optimizers(), self.lr_schedulers()
+        opts = opts if isinstance(opts, list) else [opts]  # DeepSpeed: one optimizer (two parameter groups)
         n, stats = traj.input_ids.shape[0], []
-        mini = hp.mini_batch_size or n
-        stop = False
-        for epoch in range(hp.ppo_epochs):
-            for mb in traj.minibatches(mini, self.rng()):
-                stats.append(self._update(mb, opts))
-                if hp.target_kl is not None and stats[-1][2] > hp.target_kl:
-                    stop = True
-                    break
-            if stop:
+        # ppo_epochs shuffled passes (each epoch's order drawn when it starts); target_kl stops the iteration
+        for mb in (mb for _ in range(hp.ppo_epochs) for mb in traj.minibatches(hp.mini_batch_size or n, self.rng())):
+            stats.append(self._update(mb, opts))
+            if hp.target_kl is not None and stats[-1][2] > hp.target_kl:
                 break
         for scheduler in [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s]:
             scheduler.step()
@@ -222,9 +222,12 @@ class PPOModule(L.LightningModule):
         tokens = all_reduce_sum(mb.response_mask.sum()).clamp(min=1)
         for opt in opts:
             opt.zero_grad()
-        sums = torch.zeros(5, device=self.device)
-        for i in range(0, mb.input_ids.shape[0], hp.micro_batch_size or mb.input_ids.shape[0]):
-            micro = mb.select(slice(i, i + (hp.micro_batch_size or mb.input_ids.shape[0])))
+        sums, rows = torch.zeros(5, device=self.device), mb.input_ids.shape[0]
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        for i in range(0, rows, size := hp.micro_batch_size or rows):
+            if engine is not None:  # several backwards, one step: DeepSpeed accumulates only if told where it ends
+                engine.set_gradient_accumulation_boundary(i + size >= rows)
+            micro = mb.select(slice(i, i + size))
             mask = micro.response_mask
             weight = mask.sum() / tokens  # token-weighted: micro-batches add up to the minibatch's token mean
             logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P)
@@ -286,13 +289,8 @@ class PPOModule(L.LightningModule):
         for dropout in (m for m in self.modules() if hp.disable_dropout and isinstance(m, nn.Dropout)):
             dropout.p = 0.0
 
-    def configure_optimizers(self) -> list[dict[str, Any]]:
-        if (name := type(self.trainer.strategy).__name__) in ("DeepSpeedStrategy", "FSDPStrategy"):  # fail now
-            raise ValueError(f"PPOModule cannot run under {name} (it takes one optimizer / cannot clip norms; PPO has "
-                             "two of each): use ModelParallelStrategy (FSDP2, yaml/ppo_llama2.yaml) or DDP.")
-        optimizer, critic_optimizer, scheduler, critic_scheduler = self.factories
-        return [build_optimization(self, self.policy.parameters(), optimizer, scheduler),
-                build_optimization(self, self.critic.parameters(), critic_optimizer, critic_scheduler)]
+    def configure_optimizers(self) -> list[dict[str, Any]] | dict[str, Any]:
+        return actor_critic_optimization(self, self.policy, self.critic, self.factories, self.hparams.max_grad_norm)
 
     def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
         """Write the policy as a Hugging Face folder (weights, config, tokenizer); under sharding call on every

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from modules.models import ModelSpec, _quantization_config, config_from_spec, is_peft, torch_dtype
+from modules.models import (ModelSpec, _quantization_config, _transformers_knows_zero3, config_from_spec, is_peft,
+                            torch_dtype)
 from modules.policy import position_ids_from_mask
 
 
@@ -26,13 +27,15 @@ def build_scalar_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | Non
         raise ValueError("Set model.name_or_path (hub id or local folder) or model.config (random init).")
     if spec.name_or_path is None:
         config = config_from_spec(spec, tokenizer, max_length, num_labels=1)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(spec.dtype))
+        with _transformers_knows_zero3():  # inside deepspeed.zero.Init: initialize the partitioned weights
+            model = AutoModelForSequenceClassification.from_config(config, dtype=torch_dtype(spec.dtype))
     else:
         kwargs = {"num_labels": 1, "dtype": torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
         if spec.load_in_4bit:
             kwargs["quantization_config"] = _quantization_config(spec)
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, **kwargs)
+            with _transformers_knows_zero3():  # inside deepspeed.zero.Init: load into the partitions
+                model = AutoModelForSequenceClassification.from_pretrained(spec.name_or_path, **kwargs)
         except OSError as e:
             raise FileNotFoundError(
                 f"Scalar model '{spec.name_or_path}' is not on disk and could not be downloaded ({e}). Point "

@@ -213,7 +213,8 @@ def test_deepspeed_zero2_and_zero3_match_one_process(tmp_path, monkeypatch):
     """Lightning's DeepSpeedStrategy on 2 CPU processes (``tests/deepspeed_cpu`` bypasses only its CUDA device
     bookkeeping): SFT under ZeRO-2 and ZeRO-3 and DPO with the precomputed reference under ZeRO-3 (each rank's share
     of the reference pass on partitioned weights, equal forward counts) end where one process ends on the same global
-    batch (1e-4), and the HF export of the ZeRO-3 runs gathers the partitions. The runs start from one saved model:
+    batch (1e-4), and the HF export of the ZeRO-3 runs gathers the partitions; PPO under ZeRO-2 (one optimizer, two
+    parameter groups, micro-batched) ends where one process does (5e-4). The runs start from one saved model:
     a random init inside ``deepspeed.zero.Init`` draws other weights than a plain one."""
     _skip_without_gloo()
     pytest.importorskip("deepspeed")
@@ -236,6 +237,17 @@ def test_deepspeed_zero2_and_zero3_match_one_process(tmp_path, monkeypatch):
             strategy = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": stage}}
             double = _fit(tmp_path, f"{name}-zero{stage}", 2, strategy, config=config, extra=extra)
             _assert_same(double, single, TOLERANCE, f"{name} zero-{stage}")
+    # PPO under ZeRO-2: actor and critic are two parameter groups of DeepSpeed's one optimizer; 2 micro-batches per
+    # step (DeepSpeed must be told where the accumulation ends), an EMA reference, whitening and value normalization
+    ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
+           "--model.init_args.micro_batch_size", "2", "--model.init_args.max_grad_norm", "null",
+           "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0")
+    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size",
+                  global_batch=8)
+    single = _fit(tmp_path, "ppo-single", 1, "auto", **kwargs)
+    zero2 = {"class_path": "lightning.pytorch.strategies.DeepSpeedStrategy", "init_args": {"stage": 2}}
+    _assert_same(_fit(tmp_path, "ppo-zero2", 2, zero2, **kwargs), single, PPO_TOLERANCE, "ppo zero-2")
 
 
 @pytest.mark.slow
