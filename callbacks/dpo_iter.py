@@ -11,8 +11,7 @@ from torch import nn
 from typing_extensions import override
 
 from modules.models import is_peft
-from callbacks.ema_reference import local_pair
-from modules.distributed import reshard
+from modules.distributed import copy_local, reshard
 from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
 
 
@@ -101,11 +100,8 @@ class DPOIterRound(Callback):
         if isinstance(reference, nn.Module):
             reshard(pl_module)  # FSDP2: copy shard to shard (a root gathered after a forward holds plain tensors)
             ref_params, ref_buffers = dict(reference.named_parameters()), dict(reference.named_buffers())
-            for index, (name, param) in enumerate(policy.named_parameters()):
-                local_ref, local_param = local_pair(index, ref_params[name], param)
-                local_ref.copy_(local_param.detach())
-            for name, buffer in policy.named_buffers():
-                ref_buffers[name].copy_(buffer)
+            copy_local([(ref_params[name], param) for name, param in policy.named_parameters()])
+            copy_local([(ref_buffers[name], buffer) for name, buffer in policy.named_buffers()])
         elif mode == "precomputed":
             if is_peft(policy):
                 raise ValueError("DPOIterRound: reference_mode 'precomputed' with LoRA measures against the base model "
@@ -115,9 +111,7 @@ class DPOIterRound(Callback):
         elif is_peft(policy):
             ensure_adapter(policy, self.adapter_name)
             reshard(policy)  # FSDP2: copy shard to shard, as above
-            for index, (ref, param) in enumerate(adapter_pairs(policy, self.adapter_name)):
-                local_ref, local_param = local_pair(index, ref, param)
-                local_ref.copy_(local_param.detach())
+            copy_local(adapter_pairs(policy, self.adapter_name))
             pl_module.reference_adapter = self.adapter_name
         else:
             raise TypeError(f"DPOIterRound: {type(pl_module).__name__} has no `reference` module, LoRA policy or "

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from modules.distributed import reshard
+from modules.distributed import copy_local, local_pair, reshard
 from modules.models import is_peft
 from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
 
@@ -84,10 +84,7 @@ class EMAReference(Callback):
             ensure_adapter(policy, self.adapter_name)
             self._pairs = adapter_pairs(policy, self.adapter_name)
             if not self._restored:  # a restored EMA adapter keeps its checkpointed values
-                with torch.no_grad():
-                    for index, (ref, param) in enumerate(self._pairs):
-                        local_ref, local_param = local_pair(index, ref, param)
-                        local_ref.copy_(local_param)
+                copy_local(self._pairs)
             pl_module.reference_adapter = self.adapter_name
         else:
             reference = getattr(pl_module, "reference", None)
@@ -124,27 +121,3 @@ class EMAReference(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the last updated step."""
         self.last_updated_step, self._restored = int(state_dict["last_updated_step"]), True
-
-
-def local_pair(index: int, ref: torch.Tensor, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of a (reference, policy) parameter pair: the local shards of two DTensors sharded alike or
-    the ZeRO-3 partitions of two parameters partitioned alike (an in-place lerp on them updates the sharded
-    reference, with no gather), or the tensors themselves (a ZeRO-3 parameter is an empty placeholder: a lerp on
-    it would silently do nothing)."""
-    from torch.distributed.tensor import DTensor
-
-    if hasattr(ref, "ds_tensor") or hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: the partitions, alike
-        both = hasattr(ref, "ds_tensor") and hasattr(param, "ds_tensor")
-        if not both or ref.ds_tensor.shape != param.ds_tensor.shape:
-            raise ValueError(f"EMAReference: parameter #{index} is partitioned differently by ZeRO-3 in reference and "
-                             "policy; build both inside the same deepspeed.zero.Init (configure_model does).")
-        return ref.ds_tensor, param.ds_tensor
-    if isinstance(ref, DTensor) != isinstance(param, DTensor):
-        raise TypeError(f"EMAReference: parameter #{index} is sharded in only one of reference and policy; shard "
-                        "both alike (configure_model applies the same fsdp2_shard to each).")
-    if not isinstance(ref, DTensor):
-        return ref, param
-    if ref.placements != param.placements or ref.shape != param.shape:
-        raise ValueError(f"EMAReference: parameter #{index} is sharded differently in reference ({ref.placements}, "
-                         f"{tuple(ref.shape)}) and policy ({param.placements}, {tuple(param.shape)}).")
-    return ref.to_local(), param.to_local()

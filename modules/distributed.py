@@ -75,6 +75,39 @@ def local_part(param: Tensor) -> Tensor:
     return param.to_local() if hasattr(param, "to_local") else param
 
 
+def local_pair(index: int, ref: Tensor, param: Tensor) -> tuple[Tensor, Tensor]:
+    """This rank's part of a (reference, policy) parameter pair: the local shards of two DTensors sharded alike or
+    the ZeRO-3 partitions of two parameters partitioned alike (an in-place lerp on them updates the sharded
+    reference, with no gather), or the tensors themselves (a ZeRO-3 parameter is an empty placeholder: a lerp on
+    it would silently do nothing)."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(ref, "ds_tensor") or hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3: the partitions, alike
+        both = hasattr(ref, "ds_tensor") and hasattr(param, "ds_tensor")
+        if not both or ref.ds_tensor.shape != param.ds_tensor.shape:
+            raise ValueError(f"Parameter #{index} is partitioned differently by ZeRO-3 in reference and "
+                             "policy; build both inside the same deepspeed.zero.Init (configure_model does).")
+        return local_part(ref), local_part(param)
+    if isinstance(ref, DTensor) != isinstance(param, DTensor):
+        raise TypeError(f"Parameter #{index} is sharded in only one of reference and policy; shard "
+                        "both alike (configure_model applies the same fsdp2_shard to each).")
+    if not isinstance(ref, DTensor):
+        return ref, param
+    if ref.placements != param.placements or ref.shape != param.shape:
+        raise ValueError(f"Parameter #{index} is sharded differently in reference ({ref.placements}, "
+                         f"{tuple(ref.shape)}) and policy ({param.placements}, {tuple(param.shape)}).")
+    return local_part(ref), local_part(param)
+
+
+@torch.no_grad()
+def copy_local(pairs: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy each ``(target, source)`` pair's source into its target on this rank's parts only (`local_pair`): a
+    sharded reference becomes its policy without a gather. Reshard FSDP2 roots first (`reshard`)."""
+    for index, (target, source) in enumerate(pairs):
+        local_target, local_source = local_pair(index, target, source)
+        local_target.copy_(local_source.detach())
+
+
 def per_rank_state(state: object) -> list[object]:
     """Every rank's ``state``, in rank order (``[state]`` on one process): for a checkpoint that rank 0 writes alone
     (Lightning's DDP file, the metadata file of a distributed checkpoint), so each rank's own value survives; read it
@@ -120,6 +153,11 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(_fsdp_modules(model))
 
 
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitioned ``model``'s weights (its parameters are then empty placeholders)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 @contextmanager
 def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     """Hold an FSDP2-sharded model's full weights for a sampling loop, then shard it again.
@@ -155,15 +193,14 @@ def fsdp2_shard_scalar(model: nn.Module, device_mesh: object | None, param_dtype
     weights when it runs; ``param_dtype`` as in ``fsdp2_shard``. No-op without a mesh."""
     if device_mesh is None:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    from modules.models import fsdp2_shard, is_peft
+    from modules.models import fsdp2_mesh_and_policy, fsdp2_shard, is_peft
     from modules.scalar_models import _head_name
 
     hf = model.get_base_model() if is_peft(model) else model
     fsdp2_shard(getattr(hf, hf.base_model_prefix), device_mesh, param_dtype)
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    mesh, policy = fsdp2_mesh_and_policy(device_mesh, param_dtype)
     fully_shard(getattr(hf, _head_name(model)), mesh=mesh, mp_policy=policy)
     return model
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from modules.base import AlignmentModule
-from modules.distributed import local_part, per_rank_state, reshard
+from modules.distributed import is_partitioned, local_part, per_rank_state, reshard
 from modules.losses import DPOLoss
 from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
 from modules.optim import adamw
@@ -287,7 +287,7 @@ class DPOModule(AlignmentModule):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "
                              "reference_mode 'frozen_copy' or 'precomputed'.")
         mesh, dtype = self.device_mesh, fsdp2_param_dtype(self)
-        if self.mode == "frozen_copy" and any(hasattr(p, "ds_id") for p in policy.parameters()):
+        if self.mode == "frozen_copy" and is_partitioned(policy):
             raise ValueError("reference_mode 'frozen_copy' under DeepSpeed ZeRO-3: a copy of partitioned weights is "
                              "empty. Use reference_mode 'precomputed' (yaml/dpo_llama2_deepspeed_zero3.yaml), LoRA "
                              "with 'disabled_adapter', ZeRO-2, or FSDP.")

@@ -20,7 +20,9 @@ def _full_state_dict_if_sharded(model: nn.Module, is_writer: bool = True) -> dic
     for a model that is not sharded."""
     from torch.distributed.tensor import DTensor
 
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3: the module holds empty placeholders
+    from modules.distributed import is_partitioned
+
+    if is_partitioned(model):  # ZeRO-3: the module holds empty placeholders
         import deepspeed
 
         state = {}

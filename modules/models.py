@@ -211,10 +211,9 @@ def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None,
     backward runs in ``param_dtype`` and gradients are reduced in fp32. No-op without a mesh."""
     if device_mesh is None:
         return model
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    mesh, policy = fsdp2_mesh_and_policy(device_mesh, param_dtype)
     base = model.get_base_model() if is_peft(model) else model
     layer_types = set(getattr(base, "_no_split_modules", None) or [])
     if not layer_types:
@@ -224,6 +223,15 @@ def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None,
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def fsdp2_mesh_and_policy(device_mesh: Any, param_dtype: torch.dtype | None) -> tuple[Any, Any]:
+    """The data-parallel mesh to shard over and the ``MixedPrecisionPolicy`` for ``param_dtype`` (gradients reduced
+    in fp32 when it is set; FSDP2's defaults when None)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    return mesh, MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
 
 
 def fsdp2_param_dtype(module: Any) -> torch.dtype | None:

@@ -163,8 +163,7 @@ def add_planned_adapters(module: nn.Module, policy: nn.Module) -> None:
     """Add the adapters planned for ``module`` (`plan_adapter`) to a LoRA ``policy``, frozen; call before sharding.
     No-op for a policy without adapters."""
     for name in getattr(module, "planned_adapters", []) if hasattr(policy, "peft_config") else []:
-        if name not in policy.peft_config:
-            add_frozen_adapter(policy, name)
+        ensure_adapter(policy, name)
 
 
 def adapter_pairs(policy: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:

@@ -92,7 +92,6 @@ class SequenceClassifierReward:
         self.batch_size, self.max_length, self.dtype, self.sharded = batch_size, max_length, dtype, sharded
         self.model, self.tokenizer, self.device = None, None, torch.device("cpu")
         self.truncated = 0
-        self.is_sharded = False  # set by `shard`
 
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
@@ -120,6 +119,13 @@ class SequenceClassifierReward:
             self.model.to(self.device)
         return self
 
+    @property
+    def is_sharded(self) -> bool:
+        """Whether `shard` split the loaded reward model over the ranks."""
+        from modules.distributed import is_sharded
+
+        return self.model is not None and is_sharded(self.model)
+
     def shard(self, device_mesh: Any) -> SequenceClassifierReward:
         """Load the reward model and shard it with FSDP2 over ``device_mesh`` (each decoder layer a unit, the head
         another: `modules.distributed.fsdp2_shard_scalar`). Each forward then all-gathers one layer at a time, so
@@ -132,7 +138,6 @@ class SequenceClassifierReward:
         if self.model is None:
             self._load()
         fsdp2_shard_scalar(self.model, device_mesh)
-        self.is_sharded = True
         return self
 
     @torch.no_grad()

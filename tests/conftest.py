@@ -78,3 +78,25 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2(tmp_path_factory):
+    """Folders ``sft`` (causal LM) and ``rm`` (one-label sequence classifier): tiny random Llamas with the Llama-2
+    vocabulary, each saved with the real Llama-2 tokenizer from ../shared/data (skips when it is absent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from datamodules.tokenizer import load_tokenizer
+
+    tok_dir = shared_file("llama2-tokenizer/tokenizer.model").parent
+    tok = load_tokenizer(str(tok_dir))
+    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    root = tmp_path_factory.mktemp("tiny_llama2")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(root / "sft")
+    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg, num_labels=1)).save_pretrained(
+        root / "rm")
+    for folder in ("sft", "rm"):
+        tok.save_pretrained(root / folder)
+    return root

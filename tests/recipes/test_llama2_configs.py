@@ -25,27 +25,6 @@ CONFIGS = ["sft_llama2", "sft_llama2_lora", "sft_saferlhf_llama2", "reward_llama
            "reward_llama2_deepspeed_zero2", "dpo_llama2_deepspeed_zero3"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama2(tmp_path_factory):
-    """A tiny random causal Llama with the Llama-2 vocabulary, saved with the real tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from datamodules.tokenizer import load_tokenizer
-
-    tok_dir = shared_file("llama2-tokenizer/tokenizer.model").parent
-    tok = load_tokenizer(str(tok_dir))
-    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    root = tmp_path_factory.mktemp("tiny_llama2")
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(root / "sft")
-    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg, num_labels=1)).save_pretrained(
-        root / "rm")
-    for folder in ("sft", "rm"):
-        tok.save_pretrained(root / folder)
-    return root
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_llama2_yaml_runs_two_steps_on_cpu(name, tiny_llama2, tmp_path, monkeypatch):
     from safetensors.torch import load_file

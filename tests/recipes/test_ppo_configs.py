@@ -63,7 +63,7 @@ HEADLINE = [  # (config, processes, extra overrides)
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("config, processes, extra", HEADLINE, ids=["fsdp2-2-processes", "lora", "qlora"])
-def test_headline_ppo_yamls_run_on_cpu(tmp_path, config, processes, extra):
+def test_headline_ppo_yamls_run_on_cpu(tmp_path, tiny_llama2, config, processes, extra):
     """The two headline PPO configs as shipped, with only the hardware, the sizes and the paths overridden: tiny
     random Llamas on the real Llama-2 tokenizer, the real HH-RLHF harmless test prompts, two iterations.
     yaml/ppo_llama2.yaml on 2 CPU processes (FSDP2, bf16-mixed, sharded reward model, EMA reference, sample logger,
@@ -75,30 +75,20 @@ def test_headline_ppo_yamls_run_on_cpu(tmp_path, config, processes, extra):
     import sys
 
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM
 
-    from datamodules.tokenizer import load_tokenizer
     from tests.conftest import shared_file
     from tests.recipes.test_distributed import _run, _skip_without_gloo
 
     _skip_without_gloo()
     tok_dir = shared_file("llama2-tokenizer/tokenizer.model").parent
     hh = shared_file("hh-rlhf/harmless-base-test.jsonl.gz")
-    tok = load_tokenizer(str(tok_dir))
-    cfg = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg)).save_pretrained(tmp_path / "sft")
-    rm = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg, num_labels=1))
-    rm.save_pretrained(tmp_path / "rm")
-    for folder in ("sft", "rm"):
-        tok.save_pretrained(tmp_path / folder)
     run = tmp_path / "run"
     _run([sys.executable, "-m", "recipes", "fit", "--config", config, "--trainer.accelerator", "cpu",
           "--trainer.devices", str(processes), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false",
-          "--trainer.default_root_dir", str(run), "--model.init_args.model.name_or_path", str(tmp_path / "sft"),
-          "--model.init_args.critic.name_or_path", str(tmp_path / "rm"),
-          "--model.init_args.reward.init_args.path", str(tmp_path / "rm"),
+          "--trainer.default_root_dir", str(run), "--model.init_args.model.name_or_path", str(tiny_llama2 / "sft"),
+          "--model.init_args.critic.name_or_path", str(tiny_llama2 / "rm"),
+          "--model.init_args.reward.init_args.path", str(tiny_llama2 / "rm"),
           "--model.init_args.max_new_tokens", "8", "--model.init_args.generation_batch_size", "2",
           "--model.init_args.mini_batch_size", "2", "--model.init_args.micro_batch_size", "1",
           "--data.init_args.tokenizer", str(tok_dir), "--data.init_args.data", str(hh),
