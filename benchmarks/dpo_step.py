@@ -38,8 +38,8 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def batches_in_trainer_order(pairs: list[dict], batch: int) -> list[dict]:
     """The batches the data module's shuffled sampler yields (seed 0, epoch 0), so both sides see the same data."""
-    from datamodules.preference import collate_preference
-    from datamodules.sampler import ResumableSampler
+    from recipes.datamodules.collate import collate_preference
+    from recipes.datamodules.sampler import ResumableSampler
 
     order = list(ResumableSampler(pairs, seed=0))
     return [collate_preference([pairs[i] for i in order[s:s + batch]], 0) for s in range(0, len(order), batch)]
@@ -93,7 +93,7 @@ def pieces(n_pairs: int, batch: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from modules.policy import completion_logprobs, sequence_logprobs
+    from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(**BENCH_LLAMA))
@@ -125,10 +125,10 @@ def pass_compare(n_pairs: int, batch: int, repeats: int) -> dict:
 
     import torch
 
-    from datamodules.preference import PreferenceDataModule
-    from modules.dpo import DPOModule
-    from modules.models import ModelSpec
-    from modules.policy import completion_logprobs, sequence_logprobs
+    from recipes.datamodules.preference import PreferenceDataModule
+    from recipes.modules.dpo import DPOModule
+    from recipes.modules.models import ModelSpec
+    from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
     torch.manual_seed(0)
     module = DPOModule(model=ModelSpec(config=dict(BENCH_LLAMA)), reference_mode="precomputed", cache_reference=False,
@@ -162,10 +162,10 @@ def lightning_run(mode: str, n_pairs: int, batch: int, cache_dir: str | None = N
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from datamodules.preference import PreferenceDataModule
-    from modules.dpo import DPOModule
-    from modules.losses import DPOLoss
-    from modules.models import ModelSpec
+    from recipes.datamodules.preference import PreferenceDataModule
+    from recipes.modules.dpo import DPOModule
+    from recipes.modules.losses import DPOLoss
+    from recipes.modules.models import ModelSpec
 
     class Timer(Callback):
         def __init__(self):

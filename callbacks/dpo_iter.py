@@ -10,18 +10,23 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from modules.models import is_peft
-from modules.distributed import copy_local, reshard
-from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
+from recipes.modules.adapters import (
+    adapter_pairs,
+    ensure_adapter,
+    plan_adapter,
+    readd_adapter_before_load,
+)
+from recipes.modules.models import is_peft
+from recipes.modules.sharding import copy_local, reshard
 
 
 class DPOIterRound(Callback):
     """Iterative DPO (Xu et al. 2024, arXiv 2404.10719 Sec. 6): one epoch is one round; at each round start the
     reference is reset to the current policy, and it stays fixed during the round.
 
-    The round's pairs come from `datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks for
+    The round's pairs come from `recipes.datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks for
     a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here); this callback owns the
-    reference of `modules.dpo.DPOModule` in each of its modes:
+    reference of `recipes.modules.dpo.DPOModule` in each of its modes:
 
     - ``frozen_copy``: the policy's parameters and buffers are copied into ``pl_module.reference``.
     - ``disabled_adapter`` (LoRA): the policy's adapter is copied into a frozen adapter ``adapter_name`` (added to the

@@ -10,9 +10,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
-from modules.distributed import copy_local, local_pair, reshard
-from modules.models import is_peft
-from modules.policy import adapter_pairs, ensure_adapter, plan_adapter, readd_adapter_before_load
+from recipes.modules.adapters import (
+    adapter_pairs,
+    ensure_adapter,
+    plan_adapter,
+    readd_adapter_before_load,
+)
+from recipes.modules.models import is_peft
+from recipes.modules.sharding import copy_local, local_pair, reshard
 
 
 class EMAReference(Callback):
@@ -28,10 +33,10 @@ class EMAReference(Callback):
       each rank averages its local shards (``DTensor.to_local``, ``ds_tensor``) in place; nothing is gathered, and
       the reference stays sharded.
     - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy by the
-      module's ``configure_model`` (`modules.policy.plan_adapter`: before sharding, so under FSDP2 it is sharded like
+      module's ``configure_model`` (`recipes.modules.adapters.plan_adapter`: before sharding, so under FSDP2 it is sharded like
       the policy's adapter) and initialized from the policy's adapter at the start of a fresh fit; the module's
       ``reference_adapter`` is set to it so that it runs its reference through
-      ``modules.policy.reference_context(policy, reference_adapter)``. Only the
+      ``recipes.modules.adapters.reference_context(policy, reference_adapter)``. Only the
       adapter factors are averaged (the reference is ``base + B_ema A_ema``, not the average of ``B A``), and no
       second base model exists.
 

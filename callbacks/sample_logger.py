@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 class SampleLogger(Callback):
     """Every ``every_n_steps`` training steps, log the first ``num_samples`` generations of the latest rollout.
 
-    Reads ``pl_module.last_samples`` (a list of ``(prompt, response, score)``, set by `modules.ppo.PPOModule.rollout`)
+    Reads ``pl_module.last_samples`` (a list of ``(prompt, response, score)``, set by `recipes.modules.ppo.PPOModule.rollout`)
     and writes them to the Python log and, when the logger has ``log_text`` (W&B) or ``experiment.add_text``
     (TensorBoard), to the logger too.
 

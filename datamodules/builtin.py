@@ -12,7 +12,8 @@ import json
 import os
 import random
 from collections.abc import Callable
-from pathlib import Path
+
+from recipes.modules.cache import cache_dir
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -49,13 +50,6 @@ def builtin_preference_rows(n: int = 2000, seed: int = 0) -> list[dict[str, str]
         prompt = f"Write {word} in {'capital' if upper else 'small'} letters.\n"
         rows.append({"prompt": prompt, "chosen": asked, "rejected": other})
     return rows
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("RLHF_RECIPES_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "rlhf-recipes"))
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def resolve_builtin(source: str) -> str:

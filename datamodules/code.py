@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from datamodules.io import DataFormatError, load_records, require_text
-from modules.code_eval import CodeProblem
+from recipes.datamodules.io import DataFormatError, load_records, require_text
+from recipes.modules.code.problems import CodeProblem
 
 Format = Literal["auto", "humaneval", "apps", "code_contests"]
 BUILTIN_CODE_SYNTHESIS = "builtin:code_synthesis"
@@ -129,10 +129,12 @@ def detect_format(row: Mapping[str, Any], source: str, index: int) -> str:
 def load_problems(source: str, format: Format = "auto", split: str = "train") -> dict[str, CodeProblem]:
     """Read a problem file (JSON/JSONL(.gz)/Parquet or hub id) into ``{task_id: CodeProblem}``.
 
-    ``builtin:code_synthesis`` is the toy task of `datamodules.code_synthesis` (no file, no download).
+    ``builtin:code_synthesis`` is the toy task of `recipes.datamodules.code_synthesis` (no file, no download).
     """
     if source == BUILTIN_CODE_SYNTHESIS:
-        from datamodules.code_synthesis import synthesis_problems  # lazy: it pulls in the SFT data module
+        from recipes.datamodules.code_synthesis import (
+            synthesis_problems,  # lazy: it pulls in the SFT data module
+        )
 
         return synthesis_problems()
     rows = load_records(source, split)
@@ -152,7 +154,7 @@ class CodePromptDataset(Dataset):
     """Prompts of code problems; each item is ``{"prompt": str, "metadata": CodeProblem.to_metadata()}``.
 
     Use `collate` as the DataLoader's ``collate_fn`` to get ``{"prompts": [...], "metadata": [...]}``, which is what
-    `modules.code_reward.UnitTestReward` takes.
+    `recipes.modules.code.reward.UnitTestReward` takes.
     """
 
     def __init__(self, problems: Sequence[CodeProblem] | Mapping[str, CodeProblem]) -> None:
@@ -171,7 +173,7 @@ class CodePromptDataset(Dataset):
 
 
 def code_prompt_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """The problems of ``source`` as prompt records for `datamodules.prompts.PromptDataModule` (``source_format:
+    """The problems of ``source`` as prompt records for `recipes.datamodules.prompts.PromptDataModule` (``source_format:
     code``): each is `CodeProblem.to_metadata`, so its ``prompt`` is the text and the whole record, unit tests
     included, reaches the reward as that row's metadata."""
     return [problem.to_metadata() for problem in load_problems(source, "auto", split).values()]

@@ -1,7 +1,7 @@
 """A toy program-synthesis task for CPU runs: "Write a Python expression equal to N.", judged by running the answer.
 
 A response is the body of ``def answer(): return <response>``; the sandbox calls ``answer()`` and the parent compares
-the returned value with N (`modules.code_eval`, call mode), so `modules.code_reward.UnitTestReward` scores it exactly
+the returned value with N (`recipes.modules.code.problems`, call mode), so `recipes.modules.code.reward.UnitTestReward` scores it exactly
 like an APPS call-based problem. ``builtin:code_synthesis`` is the problem set (for `recipes.code_eval` and for PPO
 prompts through ``PromptDataModule(source_format="code")``); ``builtin:code_sft`` holds imperfect demonstrations.
 """
@@ -13,14 +13,15 @@ import os
 import random
 from typing import Any
 
-from datamodules.builtin import BUILTIN_PREFIX, cache_dir
-from datamodules.sft import SFTDataModule
-from modules.code_eval import CodeProblem
+from recipes.datamodules.builtin import BUILTIN_PREFIX
+from recipes.datamodules.sft import SFTDataModule
+from recipes.modules.cache import cache_dir
+from recipes.modules.code.problems import CodeProblem
 
 PROMPT = "Write a Python expression equal to {target}.\n"
 PREFIX = "def answer():\n    return "  # the response completes this line; answer() is called in the sandbox
 N_TARGETS = 100  # targets 0..99
-BUILTIN_SFT = BUILTIN_PREFIX + "code_sft"  # the problems are datamodules.code.BUILTIN_CODE_SYNTHESIS
+BUILTIN_SFT = BUILTIN_PREFIX + "code_sft"  # the problems are recipes.datamodules.code.BUILTIN_CODE_SYNTHESIS
 
 
 def expression_problem(target: int) -> CodeProblem:
@@ -67,8 +68,8 @@ def code_sft_rows(n: int = 4000, seed: int = 0, n_targets: int = N_TARGETS,
 
 def resolve_code_builtin(source: str) -> str:
     """Map ``builtin:code_sft`` to a JSONL file written once under the cache folder (as
-    `datamodules.builtin.resolve_builtin` does for its sets); other sources pass through. (``builtin:code_synthesis``
-    needs no file: `datamodules.code.load_problems` builds it.)"""
+    `recipes.datamodules.builtin.resolve_builtin` does for its sets); other sources pass through. (``builtin:code_synthesis``
+    needs no file: `recipes.datamodules.code.load_problems` builds it.)"""
     if source != BUILTIN_SFT:
         return source
     path = cache_dir() / "code_sft.jsonl"
@@ -82,7 +83,7 @@ def resolve_code_builtin(source: str) -> str:
 
 
 class CodeSynthesisSFTDataModule(SFTDataModule):
-    """`datamodules.sft.SFTDataModule` that also reads ``builtin:code_sft`` (every other source as the parent).
+    """`recipes.datamodules.sft.SFTDataModule` that also reads ``builtin:code_sft`` (every other source as the parent).
 
     Example::
 

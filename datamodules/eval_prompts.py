@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from datamodules.formats import PromptFormat
-from datamodules.io import DataFormatError, DropCounter, EmptyFieldError
-from datamodules.preference_sources import PromptMismatchError, to_preference
-from datamodules.prompts import read_prompt_rows, to_prompt
+from recipes.datamodules.formats import PromptFormat
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError
+from recipes.datamodules.preference_sources import PromptMismatchError, to_preference
+from recipes.datamodules.prompts import read_prompt_rows, to_prompt
 
 log = logging.getLogger(__name__)
 

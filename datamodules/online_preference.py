@@ -14,18 +14,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from datamodules.formats import PromptFormat
-from datamodules.preference import PreferenceExample, collate_preference
-from datamodules.prompts import (
-    BUILTIN_PROMPTS,
-    PromptDataModule,
-    PromptSource,
+from recipes.datamodules.collate import (
+    PreferenceExample,
+    collate_preference,
     pad_prompts,
 )
-from datamodules.resumable import ResumableLoaderMixin
-from datamodules.tokenizer import load_tokenizer
-from modules.distributed import own_state, per_rank_state
-from modules.generation import sample
+from recipes.datamodules.formats import PromptFormat
+from recipes.datamodules.prompts import BUILTIN_PROMPTS, PromptDataModule, PromptSource
+from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.modules.distributed import own_state, per_rank_state
+from recipes.modules.generation import sample
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +75,22 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     epoch, and each call builds round ``trainer.current_epoch``:
 
     1. pick ``prompts_per_round`` prompts (a seeded shuffle of round ``r``: ``random.Random(seed + r)``);
-    2. sample ``k`` responses to each with the module's policy (eval mode, KV cache, `modules.generation.sample`)
+    2. sample ``k`` responses to each with the module's policy (eval mode, KV cache, `recipes.modules.generation.sample`)
        from a generator whose state is checkpointed;
-    3. score them with ``reward`` (any `modules.rewards.RewardFunction`: a reward-model folder, a programmatic reward,
+    3. score them with ``reward`` (any `recipes.modules.reward_functions.RewardFunction`: a reward-model folder, a programmatic reward,
        unit tests), and log the mean (``history[-1]["reward_mean"]``, the learning curve);
     4. form pairs (`form_pairs`); equal rewards carry no preference and are dropped and counted.
 
     Resume: the round's pairs, its statistics and the generator state are in this module's ``state_dict`` (so in every
     checkpoint); a run killed inside a round trains on the same pairs from the next unseen batch, and a run killed
     between rounds generates the next round exactly as an uninterrupted run does. The reference reset belongs to
-    `callbacks.dpo_iter.DPOIterRound`. With several processes each rank generates a strided share of the round's
+    `recipes.callbacks.dpo_iter.DPOIterRound`. With several processes each rank generates a strided share of the round's
     prompts and the pairs are all-gathered, so every rank holds the same list (then sharded by the sampler).
 
     Args:
-        reward: a `modules.rewards.RewardFunction` (``class_path``).
+        reward: a `recipes.modules.reward_functions.RewardFunction` (``class_path``).
         tokenizer, data, source_format, prompt_format, split, max_rows, long_prompts: the prompts, read as
-            `datamodules.prompts.PromptDataModule` reads them (their metadata goes to the reward).
+            `recipes.datamodules.prompts.PromptDataModule` reads them (their metadata goes to the reward).
         max_length: prompt + response token budget; ``max_prompt_length`` (default half) for the prompt.
         prompts_per_round: prompts per round (all prompts when larger than the set).
         k: responses per prompt (paper: 5 on APPS).

@@ -1,84 +1,59 @@
 """PreferenceDataModule: (prompt, chosen, rejected) pairs from HH-RLHF, PKU-SafeRLHF or generic JSONL/Parquet files.
 
-One code path for every source: a format adapter (`datamodules.preference_sources`) turns each record into texts,
+One code path for every source: a format adapter (`recipes.datamodules.preference_sources`) turns each record into texts,
 which are tokenized once, truncated to the budget with counts, and batched as one concatenated ``(2B, T)`` batch
 (chosen rows first, then rejected) for a single forward pass.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from array import array
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, TypedDict
+from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.builtin import resolve_builtin
-from datamodules.collate import pad_prompt_response, truncate_pair
-from datamodules.formats import PromptFormat, format_prompt
-from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from datamodules.preference_sources import (
+from recipes.datamodules.builtin import resolve_builtin
+from recipes.datamodules.collate import (
+    PreferenceExample,
+    collate_preference,
+    pad_prompt_response,
+    truncate_pair,
+)
+from recipes.datamodules.formats import PromptFormat, format_prompt
+from recipes.datamodules.io import (
+    DataFormatError,
+    DropCounter,
+    EmptyFieldError,
+    load_records,
+    require_text,
+)
+from recipes.datamodules.preference_sources import (
     PreferenceFormat,
     PreferenceText,
     PromptMismatchError,
     read_margin,
     to_preference,
 )
-from datamodules.resumable import ResumableLoaderMixin
-from datamodules.sampler import holdout_split
-from datamodules.tokenizer import load_tokenizer
+from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.sampler import holdout_split
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class PreferenceExample(TypedDict, total=False):
-    """A tokenized pair. ``index`` is the position in its split (keys precomputed reference log-probs)."""
-
-    index: int
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-    margin: float
-
-
-def collate_preference(examples: Sequence[PreferenceExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad chosen and rejected sequences into one batch, chosen rows first.
-
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on response tokens): ``(2B, T)``;
-    ``index``: ``(B,)``; ``margin``: ``(B,)`` when the examples carry one.
-    """
-    rows = [{"prompt_ids": e["prompt_ids"], "response_ids": e["chosen_ids"]} for e in examples]
-    rows += [{"prompt_ids": e["prompt_ids"], "response_ids": e["rejected_ids"]} for e in examples]
-    batch: dict[str, torch.Tensor] = dict(pad_prompt_response(rows, pad_token_id))
-    batch["index"] = torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long)
-    if examples and "margin" in examples[0]:
-        batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
-    return batch
-
-
-def fingerprint(examples: Sequence[PreferenceExample]) -> str:
-    """A short hash of the tokenized pairs (keys the on-disk cache of reference log-probs)."""
-    h = hashlib.sha256()
-    for e in examples:
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            h.update(array("q", e[key]).tobytes() + b"|")
-    return h.hexdigest()[:16]
 
 
 class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     """Pairwise preference data for DPO and reward models.
 
     Args:
-        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`), loaded at construction so the
+        tokenizer: tokenizer id or path (see `recipes.modules.tokenizer.load_tokenizer`), loaded at construction so the
             CLI can link it into the model.
         data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``.
         source_format: ``hh`` (raw HH-RLHF ``chosen``/``rejected`` dialogues), ``saferlhf`` (PKU-SafeRLHF, paper's
-            rule) or ``generic`` (``prompt``/``chosen``/``rejected``); see `datamodules.preference_sources`.
+            rule) or ``generic`` (``prompt``/``chosen``/``rejected``); see `recipes.datamodules.preference_sources`.
         prompt_format: how ``saferlhf``/``generic`` prompts are rendered (``plain``, ``hh``, ``alpaca``, ``chat``).
         split, val_split: dataset splits read from ``data`` and ``val_data`` (hub ids have train/test).
         val_data: a separate validation source; without it ``val_fraction`` of the pairs are held out (seeded).

@@ -11,8 +11,13 @@ from typing import Any, Literal, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.formats import HUMAN, PromptFormat, format_prompt, split_hh_dialogue
-from datamodules.io import DataFormatError, EmptyFieldError, require_text
+from recipes.datamodules.formats import (
+    HUMAN,
+    PromptFormat,
+    format_prompt,
+    split_hh_dialogue,
+)
+from recipes.datamodules.io import DataFormatError, EmptyFieldError, require_text
 
 PreferenceFormat = Literal["hh", "saferlhf", "generic"]
 

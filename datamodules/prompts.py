@@ -10,16 +10,27 @@ from functools import partial
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from datamodules.builtin import resolve_builtin
-from datamodules.code import code_prompt_records
-from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
-from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from datamodules.resumable import ResumableLoaderMixin
-from datamodules.tokenizer import load_tokenizer
-from modules.types import PromptBatch
+from recipes.datamodules.builtin import resolve_builtin
+from recipes.datamodules.code import code_prompt_records
+from recipes.datamodules.collate import pad_prompts
+from recipes.datamodules.formats import (
+    HUMAN,
+    PromptFormat,
+    alpaca_prompt,
+    format_prompt,
+    split_hh_dialogue,
+)
+from recipes.datamodules.io import (
+    DataFormatError,
+    DropCounter,
+    EmptyFieldError,
+    load_records,
+    require_text,
+)
+from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +70,13 @@ def to_prompt(record: dict[str, Any], source_format: PromptSource, prompt_format
             return alpaca_prompt(instruction, extra), {}
         return format_prompt(f"{instruction}\n\n{extra}" if extra.strip() else instruction, prompt_format,
                              tokenizer), {}
-    if source_format == "code":  # a code problem (datamodules.code): its unit tests go to the reward
+    if source_format == "code":  # a code problem (recipes.datamodules.code): its unit tests go to the reward
         return format_prompt(require_text(record, "prompt", source, row), prompt_format, tokenizer), dict(record)
     if source_format in ("saferlhf", "plain"):
         text = require_text(record, "prompt", source, row)
         meta = {k: v for k, v in record.items() if k != "prompt"}
         return format_prompt(text, prompt_format, tokenizer), meta
     raise ValueError(f"Unknown source_format {source_format!r}; choose one of hh, saferlhf, alpaca, plain, code.")
-
-
-def pad_prompts(rows: list[dict[str, Any]], pad_token_id: int) -> PromptBatch:
-    """Left-pad tokenized prompts so every response starts at the same column. Shapes: ``(B, P)``."""
-    width = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[i, width - n:] = torch.tensor(r["input_ids"], dtype=torch.long)
-        attention_mask[i, width - n:] = 1
-    return PromptBatch(input_ids=input_ids, attention_mask=attention_mask, prompts=[r["prompt"] for r in rows],
-                       metadata=[r["metadata"] for r in rows])
 
 
 class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
@@ -88,14 +86,14 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
     (``truncate``), and either is counted and logged; a file with no usable prompt is an error with the counts.
 
     Args:
-        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`); linked into the model.
+        tokenizer: tokenizer id or path (see `recipes.modules.tokenizer.load_tokenizer`); linked into the model.
         data: local file (JSON/JSONL/Parquet, or ``.txt`` with one prompt per line), hub id, ``builtin:prompts``, or
             ``builtin:code_synthesis`` (with ``source_format: code``).
         source_format: ``hh`` (the dialogue of an HH-RLHF ``chosen`` field up to its last assistant turn),
             ``saferlhf`` (PKU-SafeRLHF ``prompt``), ``alpaca`` (``instruction``/``input``) or ``plain`` (``prompt``;
             the row's other fields go to the reward as metadata) or ``code`` (a HumanEval / APPS / CodeContests
-            file or ``builtin:code_synthesis``, read by `datamodules.code.load_problems`; the problem with its
-            unit tests goes to the reward as metadata, for `modules.code_reward.UnitTestReward`).
+            file or ``builtin:code_synthesis``, read by `recipes.datamodules.code.load_problems`; the problem with its
+            unit tests goes to the reward as metadata, for `recipes.modules.code.reward.UnitTestReward`).
         prompt_format: how a single-turn request is rendered (``hh``, ``alpaca``, ``chat``, ``plain``).
         max_length: prompt + response token budget (linked into the model).
         max_prompt_length: prompt token budget (default: ``max_length`` // 2).

@@ -13,20 +13,31 @@ import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.builtin import BUILTIN_PREFIX, cache_dir, resolve_builtin
-from datamodules.collate import truncate_pair
-from datamodules.formats import PromptFormat, format_prompt
-from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from datamodules.preference_sources import PromptMismatchError, generic_pair, hh_pair
-from datamodules.resumable import ResumableLoaderMixin
-from datamodules.sampler import holdout_split
-from datamodules.tokenizer import load_tokenizer
+from recipes.datamodules.builtin import BUILTIN_PREFIX, resolve_builtin
+from recipes.datamodules.collate import RankingExample, collate_ranking, truncate_pair
+from recipes.datamodules.formats import PromptFormat, format_prompt
+from recipes.datamodules.io import (
+    DataFormatError,
+    DropCounter,
+    EmptyFieldError,
+    load_records,
+    require_text,
+)
+from recipes.datamodules.preference_sources import (
+    PromptMismatchError,
+    generic_pair,
+    hh_pair,
+)
+from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.sampler import holdout_split
+from recipes.modules.cache import cache_dir
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +48,6 @@ BUILTIN_RANKING = "builtin:ranking"
 class RankingText(NamedTuple):
     prompt: str
     responses: list[str]
-    scores: list[float]
-
-
-class RankingExample(TypedDict):
-    prompt_ids: list[int]
-    response_ids: list[list[int]]  # sorted by score, descending
     scores: list[float]
 
 
@@ -130,36 +135,11 @@ def sort_and_dedupe(text: RankingText, counter: DropCounter) -> RankingText | No
     return RankingText(text.prompt, responses, scores)
 
 
-def collate_ranking(examples: Sequence[RankingExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad every (prompt + response) to one width and every row to the batch's largest k.
-
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(B, k, T)``; ``scores``: ``(B, k)``;
-    ``response_mask``: ``(B, k)``, 1 on real responses and 0 on padding slots (all-zero sequences, score 0).
-    """
-    k = max(len(e["response_ids"]) for e in examples)
-    width = max(len(e["prompt_ids"]) + len(r) for e in examples for r in e["response_ids"])
-    input_ids = torch.full((len(examples), k, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), k, width), dtype=torch.long)
-    completion_mask = torch.zeros_like(attention_mask)
-    scores = torch.zeros((len(examples), k), dtype=torch.float32)
-    response_mask = torch.zeros((len(examples), k), dtype=torch.bool)
-    for b, e in enumerate(examples):
-        p = len(e["prompt_ids"])
-        for j, (r_ids, score) in enumerate(zip(e["response_ids"], e["scores"])):
-            n = p + len(r_ids)
-            input_ids[b, j, :n] = torch.tensor(e["prompt_ids"] + r_ids, dtype=torch.long)
-            attention_mask[b, j, :n] = 1
-            completion_mask[b, j, p:n] = 1
-            scores[b, j], response_mask[b, j] = score, True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "scores": scores, "response_mask": response_mask}
-
-
 class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
     """Ranked responses per prompt for RRHF and PRO.
 
     Args:
-        tokenizer: tokenizer id or path (`datamodules.tokenizer.load_tokenizer`); linked into the model by the CLI.
+        tokenizer: tokenizer id or path (`recipes.modules.tokenizer.load_tokenizer`); linked into the model by the CLI.
         data: local JSON/JSONL(.gz)/Parquet file, hub id, or ``builtin:ranking``.
         source_format: ``ranking`` (``prompt``, ``responses``, ``scores``), ``hh`` (raw HH-RLHF ``chosen``/``rejected``
             dialogues, split at the last ``\\n\\nAssistant:``) or ``pairs`` (``prompt``, ``chosen``, ``rejected``).

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from datamodules.sampler import ResumableSampler
+from recipes.datamodules.sampler import ResumableSampler
 
 
 class ResumableLoaderMixin:
@@ -18,7 +18,7 @@ class ResumableLoaderMixin:
 
     ``resumable_loader(dataset, collate)`` builds the shuffled, rank-sharded training loader; the module's
     ``state_dict`` records how many micro-batches of the current epoch were consumed, and after a restore the next
-    loader skips exactly those samples (`datamodules.sampler.ResumableSampler`). Batch size, seed and workers default
+    loader skips exactly those samples (`recipes.datamodules.sampler.ResumableSampler`). Batch size, seed and workers default
     to the module's ``batch_size``, ``seed`` and ``num_workers`` attributes.
     """
 

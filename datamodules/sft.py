@@ -14,14 +14,30 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from datamodules.builtin import resolve_builtin
-from datamodules.collate import TokenizedExample, pad_prompt_response, truncate_pair
-from datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
-from datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from datamodules.preference_sources import saferlhf_safe_responses
-from datamodules.resumable import ResumableLoaderMixin
-from datamodules.sampler import holdout_split
-from datamodules.tokenizer import load_tokenizer
+from recipes.datamodules.builtin import resolve_builtin
+from recipes.datamodules.collate import (
+    TokenizedExample,
+    pad_prompt_response,
+    truncate_pair,
+)
+from recipes.datamodules.formats import (
+    HUMAN,
+    PromptFormat,
+    alpaca_prompt,
+    format_prompt,
+    split_hh_dialogue,
+)
+from recipes.datamodules.io import (
+    DataFormatError,
+    DropCounter,
+    EmptyFieldError,
+    load_records,
+    require_text,
+)
+from recipes.datamodules.preference_sources import saferlhf_safe_responses
+from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.sampler import holdout_split
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +76,7 @@ class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
     """Supervised fine-tuning data with response-only loss.
 
     Args:
-        tokenizer: tokenizer id or path (see `datamodules.tokenizer.load_tokenizer`); loaded at construction so the
+        tokenizer: tokenizer id or path (see `recipes.modules.tokenizer.load_tokenizer`); loaded at construction so the
             CLI can link it into the model.
         data: local file, hub id, or ``builtin:sft``.
         source_format: ``alpaca`` (instruction/input/output), ``hh_chosen`` (the chosen dialogue of an HH-RLHF
@@ -174,8 +190,8 @@ class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The held-out prompts alone, left-padded for generation (`modules.types.PromptBatch`)."""
-        from datamodules.prompts import pad_prompts
+        """The held-out prompts alone, left-padded for generation (`recipes.modules.types.PromptBatch`)."""
+        from recipes.datamodules.collate import pad_prompts
 
         tok = self.tokenizer
         rows = [{"input_ids": e["prompt_ids"], "prompt": tok.decode(e["prompt_ids"], skip_special_tokens=True),

@@ -11,10 +11,10 @@ from torch import nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
-from modules.distributed import is_sharded
-from modules.export import save_pretrained
-from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard
-from modules.optim import adamw, build_optimization
+from recipes.modules.export import save_pretrained
+from recipes.modules.models import ModelSpec, build_causal_lm
+from recipes.modules.optim import adamw, build_optimization
+from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_sharded
 
 # Constructor arguments kept out of the saved hyperparameters: objects, not settings (the YAML holds their config).
 NOT_HPARAMS = ("tokenizer", "optimizer", "scheduler", "loss")
@@ -22,7 +22,7 @@ NOT_HPARAMS = ("tokenizer", "optimizer", "scheduler", "loss")
 
 class AlignmentModule(L.LightningModule):
     """Base of `SFTModule`, `DPOModule`, `RewardModule` and `RankingModule`: one trained network built from a
-    `modules.models.ModelSpec` in ``configure_model`` and held as ``self.<network_attr>``.
+    `recipes.modules.models.ModelSpec` in ``configure_model`` and held as ``self.<network_attr>``.
 
     A subclass keeps its own typed ``__init__`` (the YAML keys) and passes the shared arguments up; every argument
     of the subclass's ``__init__`` except ``NOT_HPARAMS`` is saved as a hyperparameter. It lists the metrics its
@@ -30,7 +30,7 @@ class AlignmentModule(L.LightningModule):
     ``test_step`` runs ``validation_step``) and reset at the end of each epoch.
 
     Args:
-        model: the network to build (`modules.models.ModelSpec`), built in ``configure_model`` so strategies can
+        model: the network to build (`recipes.modules.models.ModelSpec`), built in ``configure_model`` so strategies can
             shard it at initialization.
         tokenizer: the data's tokenizer (linked by the CLI); gives vocabulary size and special ids to random models
             and is saved with the export.
@@ -92,7 +92,7 @@ class AlignmentModule(L.LightningModule):
             if self.device_mesh is not None and not is_sharded(self.network):  # no DDP either: ranks would diverge
                 raise RuntimeError(f"{type(self).__name__}.build_network returned an unsharded network under "
                                    "ModelParallelStrategy, which synchronizes nothing else: shard it with "
-                                   "modules.models.fsdp2_shard (or fsdp2_shard_scalar) over self.device_mesh.")
+                                   "recipes.modules.sharding.fsdp2_shard (or fsdp2_shard_scalar) over self.device_mesh.")
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

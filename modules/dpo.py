@@ -17,17 +17,23 @@ from torchmetrics import MeanMetric, Metric
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from modules.base import AlignmentModule
-from modules.distributed import is_partitioned, local_part, per_rank_state, reshard
-from modules.losses import DPOLoss
-from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
-from modules.optim import adamw
-from modules.policy import (
-    add_planned_adapters,
+from recipes.modules.adapters import add_planned_adapters, reference_context
+from recipes.modules.base import AlignmentModule
+from recipes.modules.distributed import per_rank_state
+from recipes.modules.losses import DPOLoss
+from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
+from recipes.modules.optim import adamw
+from recipes.modules.policy import (
     completion_logprobs,
     masked_completion_logps,
-    reference_context,
     sequence_logprobs,
+)
+from recipes.modules.sharding import (
+    fsdp2_param_dtype,
+    fsdp2_shard,
+    is_partitioned,
+    local_part,
+    reshard,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,7 @@ class DPOModule(AlignmentModule):
     - ``frozen_copy``: a frozen copy of the starting policy, held as ``self.reference`` (full fine-tuning).
     - ``disabled_adapter``: the LoRA policy with its adapter disabled, no second copy of the weights
       (``reference_context(self.policy, self.reference_adapter)``; ``reference_adapter`` names an adapter to use
-      instead, as `callbacks.ema_reference.EMAReference` does).
+      instead, as `recipes.callbacks.ema_reference.EMAReference` does).
     - ``precomputed``: one pass over the train and validation pairs with the starting policy (adapter disabled)
       before the first step; then only the policy is held. The table is cached on disk, keyed by a fingerprint of
       the model weights and of the tokenized data, and saved in checkpoints so a resumed run reuses it. With several
@@ -59,7 +65,7 @@ class DPOModule(AlignmentModule):
     module (e.g. an EMA reference callback) overrides the mode.
 
     Args:
-        model: the policy to build (`modules.models.ModelSpec`), built in ``configure_model``.
+        model: the policy to build (`recipes.modules.models.ModelSpec`), built in ``configure_model``.
         tokenizer: the data's tokenizer (linked by the CLI); saved with the export.
         loss: preference loss module; default ``DPOLoss(beta=0.1)``.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
@@ -183,12 +189,12 @@ class DPOModule(AlignmentModule):
     @torch.no_grad()
     def precompute_reference(self, datamodule: Any = None) -> None:
         """Fill ``self.reference_logps`` for the ``train_set`` and ``val_set`` of ``datamodule`` (default: the
-        trainer's; a `datamodules.preference.PreferenceDataModule`), from the cache when it holds them."""
+        trainer's; a `recipes.datamodules.preference.PreferenceDataModule`), from the cache when it holds them."""
         dm = datamodule if datamodule is not None else getattr(self._trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "train_set"):
             raise RuntimeError("reference_mode 'precomputed' needs a data module with train_set, val_set, collate "
-                               "and batch_size (datamodules.preference.PreferenceDataModule).")
-        from datamodules.preference import fingerprint  # data hashing lives with the data
+                               "and batch_size (recipes.datamodules.preference.PreferenceDataModule).")
+        from recipes.modules.cache import fingerprint
 
         was_training = self.policy.training
         self.policy.eval()  # no dropout in the reference pass
@@ -205,7 +211,7 @@ class DPOModule(AlignmentModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         path = None
         if self.hparams.cache_reference:
-            from datamodules.builtin import cache_dir
+            from recipes.modules.cache import cache_dir
 
             folder = self.hparams.reference_cache_dir or str(cache_dir() / "reference_logps")
             path = os.path.join(folder, f"ref_logps-{key}.pt")
@@ -254,7 +260,7 @@ class DPOModule(AlignmentModule):
     def _model_fingerprint(self) -> str:
         """Hash of the reference weights (a strided sample of each base tensor) and of what changes the values.
 
-        Each rank hashes the part of each weight it holds (`modules.distributed.local_part`: the FSDP2 shard, the
+        Each rank hashes the part of each weight it holds (`recipes.modules.sharding.local_part`: the FSDP2 shard, the
         ZeRO-3 partition, or all of it), and the ranks' digests are hashed together: nothing is gathered, and a ZeRO-3
         placeholder (an empty tensor) cannot make two different models look alike. A collective under several
         processes."""

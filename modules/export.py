@@ -9,7 +9,7 @@ import os
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from modules.models import is_peft
+from recipes.modules.models import is_peft
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def _full_state_dict_if_sharded(model: nn.Module, is_writer: bool = True) -> dic
     for a model that is not sharded."""
     from torch.distributed.tensor import DTensor
 
-    from modules.distributed import is_partitioned
+    from recipes.modules.sharding import is_partitioned
 
     if is_partitioned(model):  # ZeRO-3: the module holds empty placeholders
         import deepspeed
@@ -36,7 +36,10 @@ def _full_state_dict_if_sharded(model: nn.Module, is_writer: bool = True) -> dic
         return state
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

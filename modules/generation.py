@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from modules.policy import logprobs_from_logits, position_ids_from_mask
-from modules.scalar_models import token_scores
-from modules.types import Generation
-
+from recipes.modules.policy import logprobs_from_logits, position_ids_from_mask
+from recipes.modules.scalar_models import token_scores
+from recipes.modules.types import Generation
 
 # transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` (the old name
 # still works with a deprecation warning); use whichever the installed version names.
@@ -147,7 +146,7 @@ def sample(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, max_new_
         eos_token_id: the stop token id(s); the stop token is kept in the response and its mask.
 
     Returns:
-        A `modules.types.Generation`.
+        A `recipes.modules.types.Generation`.
     """
     if max_new_tokens < 1 or temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
         raise ValueError(f"sample: need max_new_tokens >= 1, temperature >= 0, top_k >= 0 and 0 < top_p <= 1; got "

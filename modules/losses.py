@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.rl_utils import masked_mean
+from recipes.modules.rl_utils import masked_mean
 
 
 class PreferenceLoss(nn.Module, ABC):

@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,45 +206,6 @@ def prepare_for_training(model: PreTrainedModel, spec: ModelSpec) -> PreTrainedM
             task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules, modules_to_save=lora.modules_to_save))
     return model
-
-
-def fsdp2_shard(model: torch.nn.Module, device_mesh: Any | None,
-                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Shard ``model`` with FSDP2 (``fully_shard``) over the mesh Lightning's ``ModelParallelStrategy`` provides:
-    each decoder layer (the model's ``_no_split_modules``) becomes one unit, then the root. With ``param_dtype``
-    (`fsdp2_param_dtype`) the shards stay in their own dtype (fp32 masters) while every all-gather, forward and
-    backward runs in ``param_dtype`` and gradients are reduced in fp32. No-op without a mesh."""
-    if device_mesh is None:
-        return model
-    from torch.distributed.fsdp import fully_shard
-
-    mesh, policy = fsdp2_mesh_and_policy(device_mesh, param_dtype)
-    base = model.get_base_model() if is_peft(model) else model
-    layer_types = set(getattr(base, "_no_split_modules", None) or [])
-    if not layer_types:
-        raise ValueError(f"{type(base).__name__} names no _no_split_modules to shard by; wrap it yourself.")
-    for module in model.modules():
-        if type(module).__name__ in layer_types:
-            fully_shard(module, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    return model
-
-
-def fsdp2_mesh_and_policy(device_mesh: Any, param_dtype: torch.dtype | None) -> tuple[Any, Any]:
-    """The data-parallel mesh to shard over and the ``MixedPrecisionPolicy`` for ``param_dtype`` (gradients reduced
-    in fp32 when it is set; FSDP2's defaults when None)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
-    return mesh, MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-
-
-def fsdp2_param_dtype(module: Any) -> torch.dtype | None:
-    """The FSDP2 parameter dtype that a LightningModule's trainer precision asks for: ``bf16-mixed`` gives
-    ``bfloat16``, FSDP2's own form of mixed precision (weights gathered in bf16: half the all-gather traffic and
-    half the memory of a policy gathered whole for sampling), else None (gather in the weights' own dtype)."""
-    trainer = getattr(module, "_trainer", None)
-    return torch.bfloat16 if trainer is not None and str(trainer.precision) == "bf16-mixed" else None
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -14,20 +14,34 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from modules.distributed import (all_reduce_sum, fsdp2_shard_scalar, global_masked_whiten, own_state,
-                                 per_rank_state, update_global_moments, world_size)
-from modules.export import save_pretrained
-from modules.generation import response_logprobs, response_values, sample
-from modules.losses import PPOPolicyLoss, PPOValueLoss
-from modules.models import ModelSpec, build_causal_lm, fsdp2_param_dtype, fsdp2_shard, is_peft
-from modules.optim import actor_critic_optimization, adamw
-from modules.policy import add_planned_adapters
-from modules.rewards import RewardFunction
-from modules.rl_utils import (KLEstimator, RunningMoments, gae_advantages, kl_estimate, kl_penalized_rewards,
-                              masked_mean, terminal_scores)
-from modules.rollout import rollout_forwards, sample_in_chunks
-from modules.scalar_models import build_scalar_model, check_critic_tokenizer
-from modules.types import Generation, PromptBatch, Trajectory
+from recipes.modules.adapters import add_planned_adapters
+from recipes.modules.distributed import (
+    all_reduce_sum,
+    global_masked_whiten,
+    own_state,
+    per_rank_state,
+    update_global_moments,
+    world_size,
+)
+from recipes.modules.export import save_pretrained
+from recipes.modules.generation import response_logprobs, response_values, sample
+from recipes.modules.losses import PPOPolicyLoss, PPOValueLoss
+from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
+from recipes.modules.optim import actor_critic_optimization, adamw
+from recipes.modules.reward_functions import RewardFunction
+from recipes.modules.rl_utils import (
+    KLEstimator,
+    RunningMoments,
+    gae_advantages,
+    kl_estimate,
+    kl_penalized_rewards,
+    masked_mean,
+    terminal_scores,
+)
+from recipes.modules.rollout import rollout_forwards, sample_in_chunks
+from recipes.modules.scalar_models import build_scalar_model, check_critic_tokenizer
+from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, fsdp2_shard_scalar
+from recipes.modules.types import Generation, PromptBatch, Trajectory
 
 
 class PPOModule(L.LightningModule):
@@ -35,27 +49,27 @@ class PPOModule(L.LightningModule):
     form of Ziegler et al., arXiv 1909.08593, with the three tricks of Xu et al., arXiv 2404.10719, Table 3).
 
     One training step is one PPO iteration, so ``trainer.max_steps``, checkpoint intervals, the schedulers and
-    `callbacks.ema_reference.EMAReference` all count iterations (the inner optimizer steps are not counted):
+    `recipes.callbacks.ema_reference.EMAReference` all count iterations (the inner optimizer steps are not counted):
 
-    1. the batch is ``rollout_batch_size`` left-padded prompts from `datamodules.prompts.PromptDataModule`;
-    2.-6. `rollout` samples, scores and evaluates them into a `modules.types.Trajectory`;
+    1. the batch is ``rollout_batch_size`` left-padded prompts from `recipes.datamodules.prompts.PromptDataModule`;
+    2.-6. `rollout` samples, scores and evaluates them into a `recipes.modules.types.Trajectory`;
     7. ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``mini_batch_size`` rows (each split into
        micro-batches of ``micro_batch_size`` rows whose token-weighted gradients add up to the minibatch's): clipped
        policy loss for the actor optimizer, clipped value loss for the critic optimizer, gradient clipping, and an
        early stop of the iteration once a minibatch's ``approx_kl`` exceeds ``target_kl``.
 
     Strategies: DDP, FSDP2 (``ModelParallelStrategy``: all four models sharded) and DeepSpeed ZeRO-2 (actor and
-    critic as two parameter groups of its one optimizer: `modules.optim.actor_critic_optimization`).
+    critic as two parameter groups of its one optimizer: `recipes.modules.optim.actor_critic_optimization`).
 
     The reference is a frozen copy ``self.reference`` for full fine-tuning; with LoRA it is the policy with adapters
     disabled, or with the adapter named ``self.reference_adapter`` (set by ``EMAReference``). The critic is a
     one-label sequence-classification model, normally initialized from the reward model's folder.
 
     Args:
-        model: the policy (see `modules.models.ModelSpec`); built in ``configure_model``.
+        model: the policy (see `recipes.modules.models.ModelSpec`); built in ``configure_model``.
         critic: the value model; must read the policy's token ids (same tokenizer).
-        reward: a `modules.rewards.RewardFunction` (``class_path``): a programmatic reward, or
-            `modules.rewards.SequenceClassifierReward` around a reward-model folder (re-tokenizes the texts).
+        reward: a `recipes.modules.reward_functions.RewardFunction` (``class_path``): a programmatic reward, or
+            `recipes.modules.reward_functions.SequenceClassifierReward` around a reward-model folder (re-tokenizes the texts).
         tokenizer, max_length: linked from the data module by the CLI.
         optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic optimization; schedulers step
             once per iteration.
@@ -99,7 +113,7 @@ class PPOModule(L.LightningModule):
                                           "critic_scheduler", "policy_loss", "value_loss"])
         self.automatic_optimization = False
         if not isinstance(reward, RewardFunction):  # typed as a callable so YAML's class_path instantiates it
-            raise TypeError(f"reward must follow modules.rewards.RewardFunction, got {type(reward).__name__}.")
+            raise TypeError(f"reward must follow recipes.modules.reward_functions.RewardFunction, got {type(reward).__name__}.")
         self.spec, self.critic_spec, self.tokenizer, self.reward_fn = model, critic, tokenizer, reward
         self.factories = (optimizer, critic_optimizer, scheduler, critic_scheduler)
         self.policy_loss = policy_loss if policy_loss is not None else PPOPolicyLoss(0.2)
@@ -148,7 +162,7 @@ class PPOModule(L.LightningModule):
     def rollout(self, batch: PromptBatch) -> Trajectory:
         """Turn a prompt batch into a `Trajectory`, in the numbered steps of an iteration (step 1 is the batch):
 
-        2. generate with a KV cache (`modules.generation.sample`, dropout off), ``generation_batch_size`` at a time;
+        2. generate with a KV cache (`recipes.modules.generation.sample`, dropout off), ``generation_batch_size`` at a time;
         3. score the decoded texts with ``reward``; optionally standardize by running moments; clip; responses that
            did not end with EOS get ``missing_eos_penalty`` (`terminal_scores`);
         4. old log-probs, reference log-probs and critic values of the response tokens; per-token rewards

@@ -7,11 +7,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from transformers import PreTrainedTokenizerBase
 
-from modules.base import AlignmentModule
-from modules.models import ModelSpec
-from modules.optim import adamw
-from modules.policy import completion_logprobs, sequence_logprobs
-from modules.ranking_losses import RRHFLoss, ranking_accuracy
+from recipes.modules.base import AlignmentModule
+from recipes.modules.models import ModelSpec
+from recipes.modules.optim import adamw
+from recipes.modules.policy import completion_logprobs, sequence_logprobs
+from recipes.modules.ranking_losses import RRHFLoss, ranking_accuracy
 
 LOSS_METRICS = ("loss", "rank_loss", "sft_loss")
 
@@ -19,8 +19,8 @@ LOSS_METRICS = ("loss", "rank_loss", "sft_loss")
 class RankingModule(AlignmentModule):
     """Align a causal LM policy with rankings of k >= 2 scored responses per prompt; no reference model.
 
-    Every real response of the ``(B, k, T)`` batch (`datamodules.ranking.RankingDataModule`) goes through the policy
-    in one flattened forward (`modules.policy.completion_logprobs`); the loss (``RRHFLoss`` by default, ``PROLoss``
+    Every real response of the ``(B, k, T)`` batch (`recipes.datamodules.ranking.RankingDataModule`) goes through the policy
+    in one flattened forward (`recipes.modules.policy.completion_logprobs`); the loss (``RRHFLoss`` by default, ``PROLoss``
     or any module with the same signature, by ``class_path``) sees the ``(B, k)`` summed log-probs, the response
     lengths, the scores and the mask of real response slots, and returns per-prompt losses.
 
@@ -28,7 +28,7 @@ class RankingModule(AlignmentModule):
     pairs ``s_i > s_j`` with ``p_i > p_j``, ``p`` the length-normalized log-prob), and ``val/...`` for each.
 
     Args:
-        model: the policy to build (`modules.models.ModelSpec`), built in ``configure_model``.
+        model: the policy to build (`recipes.modules.models.ModelSpec`), built in ``configure_model``.
         tokenizer: the data's tokenizer (linked by the CLI); saved with the export.
         loss: ranking loss module; default ``RRHFLoss()``.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.

@@ -1,7 +1,7 @@
 """RewardModule: a Bradley-Terry reward model, a causal-LM backbone with a scalar head read at the last real token.
 
 It exports as a Hugging Face ``AutoModelForSequenceClassification`` (``num_labels=1``) that plain transformers loads
-and that PPO uses as its reward model and to initialize its critic (`modules.scalar_models.build_scalar_model`).
+and that PPO uses as its reward model and to initialize its critic (`recipes.modules.scalar_models.build_scalar_model`).
 """
 
 from __future__ import annotations
@@ -13,23 +13,23 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import BinaryAccuracy
 from transformers import PreTrainedTokenizerBase
 
-from modules.base import AlignmentModule
-from modules.losses import PairwiseRewardLoss
-from modules.distributed import fsdp2_shard_scalar
-from modules.models import ModelSpec, fsdp2_param_dtype
-from modules.optim import adamw
-from modules.scalar_models import build_scalar_model, sequence_scores
+from recipes.modules.base import AlignmentModule
+from recipes.modules.losses import PairwiseRewardLoss
+from recipes.modules.models import ModelSpec
+from recipes.modules.optim import adamw
+from recipes.modules.scalar_models import build_scalar_model, sequence_scores
+from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard_scalar
 
 
 class RewardModule(AlignmentModule):
     """Pairwise reward modelling: ``loss = -log sigmoid(r_c - r_r - m) [+ center_coef (r_c + r_r)^2]``.
 
-    Batches are `datamodules.preference.PreferenceDataModule` batches: ``(2B, T)`` with the chosen rows first and an
+    Batches are `recipes.datamodules.preference.PreferenceDataModule` batches: ``(2B, T)`` with the chosen rows first and an
     optional per-pair ``margin`` ``(B,)``. The reward is the head's output at each row's last real token (the EOS
     that ends the response).
 
     Args:
-        model: the backbone to build (`modules.models.ModelSpec`; a causal LM's weights load into it, the head starts
+        model: the backbone to build (`recipes.modules.models.ModelSpec`; a causal LM's weights load into it, the head starts
             fresh), built in ``configure_model``.
         tokenizer: the data's tokenizer (linked by the CLI); saved with the export.
         loss: the pairwise loss; default ``PairwiseRewardLoss()`` (no centering).

@@ -1,6 +1,6 @@
 """The two halves of an on-policy rollout that do not depend on the algorithm: sampling a prompt batch in chunks
 (on gathered weights under FSDP2) and the no-grad passes that read the policy's log-probs and entropies, the
-reference's log-probs and the critic's values off the sampled sequences. Used by `modules.ppo.PPOModule`."""
+reference's log-probs and the critic's values off the sampled sequences. Used by `recipes.modules.ppo.PPOModule`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from modules.distributed import unsharded
-from modules.generation import response_logprobs, response_values
-from modules.policy import reference_context
-from modules.types import Generation
+from recipes.modules.adapters import reference_context
+from recipes.modules.generation import response_logprobs, response_values
+from recipes.modules.sharding import unsharded
+from recipes.modules.types import Generation
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
                      prompt_mask: Tensor, chunk: int, pad_token_id: int) -> Generation:
     """``sample_fn(ids, mask)`` on ``chunk`` prompts at a time, the responses right-padded to one width.
 
-    Under FSDP2 the policy's weights are gathered once for the whole loop (`modules.distributed.unsharded`), so each
+    Under FSDP2 the policy's weights are gathered once for the whole loop (`recipes.modules.sharding.unsharded`), so each
     rank stops sampling when its own rows are done. Shapes: prompts ``(B, P)``; the result's fields ``(B, R)``.
     """
     gens = []
@@ -43,7 +43,7 @@ def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: nn.Module 
     every model in eval mode (restored afterwards).
 
     The reference is ``reference`` when given (a frozen copy), else the policy with its adapters disabled or with
-    ``reference_adapter`` active (`modules.policy.reference_context`). Shapes: inputs ``(B, P + R)``; each output
+    ``reference_adapter`` active (`recipes.modules.adapters.reference_context`). Shapes: inputs ``(B, P + R)``; each output
     ``(B, R)``.
     """
     modes = [(m, m.training) for m in (policy, critic, reference) if m is not None]

@@ -11,18 +11,28 @@ import os
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from modules.models import (ModelSpec, _quantization_config, _transformers_knows_zero3, config_from_spec, is_peft,
-                            torch_dtype)
-from modules.policy import position_ids_from_mask
+from recipes.modules.models import (
+    ModelSpec,
+    _quantization_config,
+    _transformers_knows_zero3,
+    config_from_spec,
+    is_peft,
+    torch_dtype,
+)
+from recipes.modules.policy import position_ids_from_mask
 
 
 def build_scalar_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | None = None,
                        max_length: int | None = None) -> PreTrainedModel:
     """A sequence-classification model with one output, from a hub id / folder (a causal LM's weights load into
     the backbone; the head starts fresh) or from a config; LoRA (task ``SEQ_CLS``, head trained in full) and 4-bit
-    as in `modules.models`."""
+    as in `recipes.modules.models`."""
     if spec.name_or_path is None and spec.config is None:
         raise ValueError("Set model.name_or_path (hub id or local folder) or model.config (random init).")
     if spec.name_or_path is None:
@@ -95,7 +105,7 @@ def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTra
                                                     ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
     same = rows >= len(tokenizer)
     if same and has_tok:
-        from datamodules.tokenizer import load_tokenizer
+        from recipes.modules.tokenizer import load_tokenizer
 
         same = load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
     if not same:
@@ -103,5 +113,5 @@ def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTra
             f"critic '{path or 'config'}' ({rows} embedding rows) uses a different tokenizer than the policy "
             f"({len(tokenizer)} tokens): the critic reads the policy's token ids. Initialize the critic from a reward "
             "model trained with the policy's tokenizer (or from the policy); the reward itself may use any tokenizer "
-            "through modules.rewards.SequenceClassifierReward.")
+            "through recipes.modules.reward_functions.SequenceClassifierReward.")
 

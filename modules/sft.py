@@ -11,11 +11,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import PreTrainedTokenizerBase
 
-from modules.base import AlignmentModule
-from modules.generation import sample
-from modules.models import ModelSpec
-from modules.optim import adamw
-from modules.policy import completion_logprobs
+from recipes.modules.base import AlignmentModule
+from recipes.modules.generation import sample
+from recipes.modules.models import ModelSpec
+from recipes.modules.optim import adamw
+from recipes.modules.policy import completion_logprobs
 
 
 class SFTModule(AlignmentModule):
@@ -26,7 +26,7 @@ class SFTModule(AlignmentModule):
     makes gradient accumulation exactly equal to a larger batch).
 
     Args:
-        model: what to build (see `modules.models.ModelSpec`); built in ``configure_model`` so strategies can shard.
+        model: what to build (see `recipes.modules.models.ModelSpec`); built in ``configure_model`` so strategies can shard.
         tokenizer: the data's tokenizer (linked by the CLI); gives vocab size and special ids to random models and
             is saved with the export.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
@@ -96,7 +96,7 @@ class SFTModule(AlignmentModule):
 
     # --- prediction: generate responses to the data module's prompts ---------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, str]]:
-        """Responses to a left-padded prompt batch (`modules.types.PromptBatch`), decoded, EOS stripped."""
+        """Responses to a left-padded prompt batch (`recipes.modules.types.PromptBatch`), decoded, EOS stripped."""
         tok, hp = self.tokenizer, self.hparams
         gen = sample(self.policy, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens, tok.eos_token_id,
                      tok.pad_token_id, temperature=hp.temperature)

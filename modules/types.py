@@ -10,7 +10,7 @@ from torch import Tensor
 
 
 class PromptBatch(TypedDict):
-    """A left-padded batch of prompts from `datamodules.prompts.PromptDataModule`.
+    """A left-padded batch of prompts from `recipes.datamodules.prompts.PromptDataModule`.
 
     ``input_ids`` and ``attention_mask`` are ``(B, P)``; ``prompts`` holds the rendered prompt texts and
     ``metadata`` one record per row (the source row's other fields, handed to the reward).

@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from datamodules.code import load_problems
-from datamodules.prompts import pad_prompts
-from datamodules.tokenizer import load_tokenizer
-from datamodules.io import DataFormatError, load_records, require_text
-from modules.code_eval import CodeProblem, Verdict, evaluate_completions
-from modules.code_metrics import NAtK, PassAtK
-from modules.execution import SandboxConfig
-from modules.generation import sample
-from modules.sandbox_host import sandbox_capabilities
+from recipes.datamodules.code import load_problems
+from recipes.datamodules.collate import pad_prompts
+from recipes.datamodules.io import DataFormatError, load_records, require_text
+from recipes.modules.code.execution import SandboxConfig
+from recipes.modules.code.host import sandbox_capabilities
+from recipes.modules.code.metrics import NAtK, PassAtK
+from recipes.modules.code.problems import CodeProblem, Verdict, evaluate_completions
+from recipes.modules.generation import sample
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ def generate_samples(problems: Mapping[str, CodeProblem], model_dir: str, n_samp
                      max_new_tokens: int = 512, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                      seed: int = 0, batch_size: int = 16, device: str | None = None,
                      progress: bool = True) -> list[dict[str, str]]:
-    """``n_samples`` completions per problem from a causal-LM folder, sampled by `modules.generation.sample`.
+    """``n_samples`` completions per problem from a causal-LM folder, sampled by `recipes.modules.generation.sample`.
 
-    Each prompt is the problem's ``prompt`` tokenized as `datamodules.prompts.PromptDataModule` does (special tokens
+    Each prompt is the problem's ``prompt`` tokenized as `recipes.datamodules.prompts.PromptDataModule` does (special tokens
     added), left-padded ``batch_size`` rows at a time in problem order, then sample order. One generator seeded with
     ``seed`` draws every token, so a seed, batch size and device give the same samples every time. Prompts that
     leave no room for ``max_new_tokens`` within the model's positions are cut from the left, counted and logged.

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+import yaml
 from recipes.__main__ import cli_main
 
 
@@ -46,8 +46,10 @@ def load_module_state(ckpt_path: str) -> dict[str, torch.Tensor]:
         state: dict[str, Any] = _load_distributed_checkpoint(Path(ckpt_path))
         return state["state_dict"] if "state_dict" in state else state["model"]  # FSDP2 / FSDP (sharded)
     try:
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
         import deepspeed  # noqa: F401
+        from lightning.pytorch.utilities.deepspeed import (
+            convert_zero_checkpoint_to_fp32_state_dict,
+        )
     except ImportError as e:
         raise RuntimeError(f"'{ckpt_path}' is a DeepSpeed checkpoint: `pip install deepspeed` to export it (no GPU "
                            "needed), or convert it with its own zero_to_fp32.py first.") from e

@@ -44,21 +44,21 @@ def _seed_and_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def byte_tokenizer():
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
 
     return load_tokenizer("builtin:byte")
 
 
 @pytest.fixture
 def tiny_spec():
-    from modules.models import ModelSpec
+    from recipes.modules.models import ModelSpec
 
     return ModelSpec(config=dict(TINY_LLAMA))
 
 
 @pytest.fixture
 def tiny_model(tiny_spec, byte_tokenizer):
-    from modules.models import build_causal_lm
+    from recipes.modules.models import build_causal_lm
 
     return build_causal_lm(tiny_spec, byte_tokenizer)
 
@@ -84,9 +84,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def tiny_llama2(tmp_path_factory):
     """Folders ``sft`` (causal LM) and ``rm`` (one-label sequence classifier): tiny random Llamas with the Llama-2
     vocabulary, each saved with the real Llama-2 tokenizer from ../shared/data (skips when it is absent)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+    )
 
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
 
     tok_dir = shared_file("llama2-tokenizer/tokenizer.model").parent
     tok = load_tokenizer(str(tok_dir))

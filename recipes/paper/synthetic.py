@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.losses import DPOLoss, PairwiseRewardLoss, PPOPolicyLoss
-from modules.rl_utils import kl_penalized_rewards, masked_whiten
+from recipes.modules.losses import DPOLoss, PairwiseRewardLoss, PPOPolicyLoss
+from recipes.modules.rl_utils import kl_penalized_rewards, masked_whiten
 from recipes.paper.synthetic_report import format_markdown, plot
 
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
             f"KL-optimum {r.kl_optimum.out_of_data_mass:.3f}; diagonal accuracy "
             f"DPO {r.dpo.diagonal_accuracy:.2f} PPO {r.ppo.diagonal_accuracy:.2f}"
         )
-    plot(results, config, args.out / "synthetic_dpo_vs_ppo.png")
+    plot(results, in_data_mask(config), args.out / "synthetic_dpo_vs_ppo.png")
     print(f"\nplot: {args.out / 'synthetic_dpo_vs_ppo.png'}")
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:  # `recipes.paper.synthetic` imports this module: only its types here, its functions when called
-    from recipes.paper.synthetic import SeedResult, SyntheticConfig
+import torch
+
+SeedResult = Any  # `recipes.paper.synthetic.SeedResult` (that module imports this one, so not the other way round)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -37,8 +38,9 @@ def format_markdown(results: list[SeedResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[SeedResult], config: SyntheticConfig, path: Path) -> None:
-    """Bar chart of out-of-data mass over seeds, and seed 0's pi(y | x) tables with the data's coverage outlined."""
+def plot(results: list[SeedResult], in_data: torch.Tensor, path: Path) -> None:
+    """Bar chart of out-of-data mass over seeds, and seed 0's pi(y | x) tables with the data's coverage (``in_data``,
+    the prompt x response mask of `recipes.paper.synthetic.in_data_mask`) outlined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,9 +60,6 @@ def plot(results: list[SeedResult], config: SyntheticConfig, path: Path) -> None
     axes[0].set_ylim(0, 1)
     axes[0].legend(loc="upper left", fontsize=8)
     axes[0].set_title(f"mean ± std over {len(results)} seeds")
-    from recipes.paper.synthetic import in_data_mask
-
-    in_data = in_data_mask(config)
     for ax, name in zip(axes[1:], names, strict=True):
         ax.imshow(results[0].tables[name], vmin=0, vmax=1, cmap="Blues")
         for i, j in in_data.nonzero().tolist():

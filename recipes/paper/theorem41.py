@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from modules.losses import DPOLoss, PPOPolicyLoss
-from modules.rl_utils import kl_penalized_rewards, masked_whiten
+from recipes.modules.losses import DPOLoss, PPOPolicyLoss
+from recipes.modules.rl_utils import kl_penalized_rewards, masked_whiten
 
 PI_REF = (0.5, 0.5, 0.0)
 REWARD = (1.0, 0.0, 5.0)  # r(y3) is an arbitrary extrapolation, made large on purpose: it must not matter

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from modules.evaluation import win_tie_loss
+from recipes.evaluate.metrics import win_tie_loss
 
 COLUMNS = ("gold", "learned_reward", "kl", "win_rate", "foreign_frac", "too_long", "length", "eos_rate")
 HEADERS = {"gold": "gold reward", "learned_reward": "learned reward", "kl": "KL to SFT", "win_rate": "win-rate vs SFT",
@@ -29,7 +29,7 @@ FINDINGS = (
 
 def table_rows(evals: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (seed, method) in ``order``; the win-rate compares per-prompt gold with the seed's SFT row
-    (`modules.evaluation.win_tie_loss`, ties count half)."""
+    (`recipes.evaluate.metrics.win_tie_loss`, ties count half)."""
     by_key = {(e["seed"], e["stage"]): e for e in evals}
     rows = []
     for seed in sorted({e["seed"] for e in evals}):

@@ -16,9 +16,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
-from datamodules.prompts import pad_prompts
-from modules.evaluation import sequence_kl
-from modules.generation import sample
+from recipes.datamodules.collate import pad_prompts
+from recipes.evaluate.metrics import sequence_kl
+from recipes.modules.generation import sample
 from recipes.study.testbed import GoldReward, prompt_letters
 
 
@@ -77,8 +77,8 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrain
                     prompts: Sequence[str], gold: GoldReward, learned: Any | None, spec: EvalSpec,
                     seed: int) -> dict[str, Any]:
     """Score ``policy`` on ``prompts``: per-prompt mean gold reward (for win-rates), and the means of the gold reward,
-    the learned reward (``learned``: a `modules.rewards.RewardFunction`, or None), the sequence KL to ``reference``
-    (`modules.evaluation.sequence_kl` on the policy's own samples) and the response-shape statistics."""
+    the learned reward (``learned``: a `recipes.modules.reward_functions.RewardFunction`, or None), the sequence KL to ``reference``
+    (`recipes.evaluate.metrics.sequence_kl` on the policy's own samples) and the response-shape statistics."""
     policy.eval(), reference.eval()
     generator = torch.Generator().manual_seed(seed)
     repeated = [p for p in prompts for _ in range(spec.samples_per_prompt)]
@@ -172,7 +172,7 @@ def ood_probes(prompt: str) -> dict[str, str]:
 @torch.no_grad()
 def probe_reward_model(reward_dir: str, prompts: Sequence[str], gold: GoldReward) -> list[dict[str, Any]]:
     """Mean learned reward and gold reward of each `ood_probes` response over ``prompts``."""
-    from modules.rewards import SequenceClassifierReward
+    from recipes.modules.reward_functions import SequenceClassifierReward
 
     learned = SequenceClassifierReward(reward_dir)
     names = list(ood_probes(prompts[0]))

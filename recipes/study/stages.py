@@ -170,8 +170,7 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", module="lightning")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.fabric.utilities.seed", "modules",
-                 "datamodules", "callbacks"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.fabric.utilities.seed", "recipes"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -193,8 +192,8 @@ def run_eval(job: Job) -> dict[str, Any]:
     reward model (`recipes.study.scoring.evaluate_policy`)."""
     from transformers import AutoModelForCausalLM
 
-    from datamodules.tokenizer import load_tokenizer
-    from modules.rewards import SequenceClassifierReward
+    from recipes.modules.reward_functions import SequenceClassifierReward
+    from recipes.modules.tokenizer import load_tokenizer
     from recipes.study.scoring import evaluate_policy
 
     with open(Path(job.run_dir) / "data" / "heldout_prompts.jsonl", encoding="utf-8") as f:

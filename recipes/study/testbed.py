@@ -60,7 +60,7 @@ class GoldReward:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
-        """`modules.rewards.RewardFunction`: one gold score per (prompt, response)."""
+        """`recipes.modules.reward_functions.RewardFunction`: one gold score per (prompt, response)."""
         return torch.tensor([self.score(p, r) for p, r in zip(prompts, responses)], dtype=torch.float32)
 
 

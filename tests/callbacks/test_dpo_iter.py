@@ -6,12 +6,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.dpo_iter import DPOIterRound
-from datamodules.online_preference import OnlinePreferenceDataModule
-from modules.dpo import DPOModule
-from modules.models import LoRASpec, ModelSpec
-from modules.rewards import CharacterFractionReward
 from recipes.__main__ import cli_main
+from recipes.callbacks.dpo_iter import DPOIterRound
+from recipes.datamodules.online_preference import OnlinePreferenceDataModule
+from recipes.modules.dpo import DPOModule
+from recipes.modules.models import LoRASpec, ModelSpec
+from recipes.modules.reward_functions import CharacterFractionReward
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks.ema_reference import EMAReference
-from modules.models import LoRASpec, ModelSpec, build_causal_lm
+from recipes.callbacks.ema_reference import EMAReference
+from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 

@@ -6,9 +6,9 @@ import logging
 import torch
 from lightning.pytorch.loggers import Logger
 
-from callbacks.sample_logger import SampleLogger
-from datamodules.prompts import PromptDataModule
-from modules.rewards import CharacterFractionReward
+from recipes.callbacks.sample_logger import SampleLogger
+from recipes.datamodules.prompts import PromptDataModule
+from recipes.modules.reward_functions import CharacterFractionReward
 from tests.conftest import quiet_trainer
 from tests.modules.test_ppo import make_module
 
@@ -49,7 +49,7 @@ class CheckedSampleLogger(SampleLogger):
 def test_logs_the_latest_rollout_every_n_iterations(byte_tokenizer, caplog):
     module = make_module(byte_tokenizer, max_new_tokens=6, ppo_epochs=1, max_length=64)  # as the CLI links it
     cb, logger = CheckedSampleLogger(every_n_steps=2, num_samples=2, max_chars=5), TextLogger()
-    with caplog.at_level(logging.INFO, logger="callbacks.sample_logger"):
+    with caplog.at_level(logging.INFO, logger="recipes.callbacks.sample_logger"):
         quiet_trainer(max_steps=5, callbacks=[cb], logger=logger).fit(module, PromptDataModule(rollout_batch_size=4,
                                                                                             max_length=64))
     assert [step for step, _ in cb.logged] == [2, 4]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.code import CodePromptDataset, load_problems
-from datamodules.io import DataFormatError
-from modules.code_eval import CodeProblem
+from recipes.datamodules.code import CodePromptDataset, load_problems
+from recipes.datamodules.io import DataFormatError
+from recipes.modules.code.problems import CodeProblem
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "code"
 REPO = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ their pairs survive a state_dict round trip."""
 import pytest
 import torch
 
-from datamodules.online_preference import OnlinePreferenceDataModule, form_pairs
-from modules.rewards import CharacterFractionReward
+from recipes.datamodules.online_preference import OnlinePreferenceDataModule, form_pairs
+from recipes.modules.reward_functions import CharacterFractionReward
 
 
 def test_best_vs_worst_takes_first_max_against_first_min():

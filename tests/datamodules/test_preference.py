@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.io import DataFormatError
-from datamodules.preference import PreferenceDataModule, collate_preference
-from datamodules.preference_sources import hh_pair, saferlhf_choice
-from datamodules.sft import SFTDataModule
+from recipes.datamodules.collate import collate_preference
+from recipes.datamodules.io import DataFormatError
+from recipes.datamodules.preference import PreferenceDataModule
+from recipes.datamodules.preference_sources import hh_pair, saferlhf_choice
+from recipes.datamodules.sft import SFTDataModule
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer, shared_file, write_jsonl
 
 SAFERLHF = REPO / "tests" / "fixtures" / "saferlhf" / "pairs.jsonl"
@@ -175,8 +176,8 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from modules.models import ModelSpec
-    from modules.reward import RewardModule
+    from recipes.modules.models import ModelSpec
+    from recipes.modules.reward import RewardModule
 
     def run(max_steps, ckpt_path=None, save_every=None):
         L.seed_everything(7, verbose=False)

@@ -4,8 +4,9 @@ import logging
 
 import pytest
 
-from datamodules.io import DataFormatError
-from datamodules.prompts import PromptDataModule, pad_prompts
+from recipes.datamodules.collate import pad_prompts
+from recipes.datamodules.io import DataFormatError
+from recipes.datamodules.prompts import PromptDataModule
 from tests.conftest import write_jsonl
 
 

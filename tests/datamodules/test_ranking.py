@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from datamodules.io import DataFormatError
-from datamodules.ranking import RankingDataModule, builtin_ranking_rows, collate_ranking
+from recipes.datamodules.collate import collate_ranking
+from recipes.datamodules.io import DataFormatError
+from recipes.datamodules.ranking import RankingDataModule, builtin_ranking_rows
 from tests.conftest import shared_file, write_jsonl
 
 

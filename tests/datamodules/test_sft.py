@@ -6,11 +6,16 @@ import logging
 
 import pytest
 
-from datamodules.collate import pad_prompt_response, truncate_pair
-from datamodules.formats import alpaca_prompt, format_prompt, hh_prompt, split_hh_dialogue
-from datamodules.io import DataFormatError
-from datamodules.sampler import ResumableSampler
-from datamodules.sft import SFTDataModule
+from recipes.datamodules.collate import pad_prompt_response, truncate_pair
+from recipes.datamodules.formats import (
+    alpaca_prompt,
+    format_prompt,
+    hh_prompt,
+    split_hh_dialogue,
+)
+from recipes.datamodules.io import DataFormatError
+from recipes.datamodules.sampler import ResumableSampler
+from recipes.datamodules.sft import SFTDataModule
 from tests.conftest import shared_file, write_jsonl
 
 
@@ -111,7 +116,7 @@ def test_real_alpaca_rows_load(caplog):
 
 
 def test_real_llama2_tokenizer_ids_and_round_trip():
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
 
     tok = load_tokenizer(str(shared_file("llama2-tokenizer/tokenizer.model")))
     assert tok("Hello").input_ids[-1] == 15043 and len(tok) == 32000

@@ -4,12 +4,12 @@ epoch metrics under the stage, and hand the right network to the optimizer and t
 import pytest
 import torch
 
-from modules.base import AlignmentModule
-from modules.dpo import DPOModule
-from modules.models import ModelSpec
-from modules.ranking import RankingModule
-from modules.reward import RewardModule
-from modules.sft import SFTModule
+from recipes.modules.base import AlignmentModule
+from recipes.modules.dpo import DPOModule
+from recipes.modules.models import ModelSpec
+from recipes.modules.ranking import RankingModule
+from recipes.modules.reward import RewardModule
+from recipes.modules.sft import SFTModule
 from tests.conftest import TINY_LLAMA
 
 # What each module saved before the shared base existed (hparams of a checkpoint written then), beyond ``model``.

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.preference import PreferenceDataModule
-from modules.dpo import METRICS, DPOModule
-from modules.losses import DPOLoss
-from modules.models import LoRASpec, ModelSpec
-from modules.policy import masked_completion_logps
 from recipes.__main__ import cli_main
+from recipes.datamodules.preference import PreferenceDataModule
+from recipes.modules.dpo import METRICS, DPOModule
+from recipes.modules.losses import DPOLoss
+from recipes.modules.models import LoRASpec, ModelSpec
+from recipes.modules.policy import masked_completion_logps
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 MODES = ("frozen_copy", "disabled_adapter", "precomputed")

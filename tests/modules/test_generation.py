@@ -6,8 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from modules.generation import CACHE, GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
-from modules.policy import position_ids_from_mask
+from recipes.modules.generation import (
+    CACHE,
+    GrowingKVLayer,
+    draw_tokens,
+    filter_logits,
+    preallocated_cache,
+    sample,
+)
+from recipes.modules.policy import position_ids_from_mask
 from tests.conftest import TINY_LLAMA
 
 
@@ -144,7 +151,7 @@ def test_preallocated_cache_matches_the_dynamic_cache(tiny_model, byte_tokenizer
 def test_sliding_window_model_keeps_its_own_cache_and_matches_hf(byte_tokenizer):
     """A Mistral with a 4-token sliding window needs transformers' sliding cache: no preallocated cache is built,
     and greedy sampling still equals HF's greedy generate past the window."""
-    from modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.models import ModelSpec, build_causal_lm
 
     model = build_causal_lm(ModelSpec(config={**TINY_LLAMA, "model_type": "mistral", "sliding_window": 4}),
                             byte_tokenizer)

@@ -4,7 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from modules.models import LoRASpec, ModelSpec, build_causal_lm, count_parameters
+from recipes.modules.models import (
+    LoRASpec,
+    ModelSpec,
+    build_causal_lm,
+    count_parameters,
+)
 from tests.conftest import TINY_LLAMA
 
 
@@ -60,7 +65,7 @@ def test_gradient_checkpointing_with_lora_backprops(tiny_spec, byte_tokenizer):
 def test_qlora_4bit_cpu_adapter_learns(tmp_path, byte_tokenizer):
     """4-bit base through bitsandbytes on CPU (out-features multiples of 32); the adapter must really change after an
     eval-mode no-grad forward (on an AVX512-BF16 CPU bitsandbytes would repack the weights for a kernel without
-    autograd there: `modules.models.keep_4bit_weights_trainable`)."""
+    autograd there: `recipes.modules.models.keep_4bit_weights_trainable`)."""
     pytest.importorskip("bitsandbytes")
     cfg = dict(TINY_LLAMA, hidden_size=64, intermediate_size=128, num_key_value_heads=4)
     base = build_causal_lm(ModelSpec(config=cfg), byte_tokenizer)
@@ -87,7 +92,7 @@ def test_qlora_4bit_cpu_adapter_learns(tmp_path, byte_tokenizer):
 def test_export_loads_in_plain_transformers(tmp_path, tiny_spec, byte_tokenizer):
     from transformers import AutoTokenizer
 
-    from modules.export import save_pretrained
+    from recipes.modules.export import save_pretrained
 
     tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
     model = build_causal_lm(tiny_spec, byte_tokenizer)
@@ -114,7 +119,7 @@ def test_merged_lora_state_dict_equals_peft_merge(tiny_spec, byte_tokenizer):
 
     from peft import LoraConfig
 
-    from modules.export import merged_lora_state_dict
+    from recipes.modules.export import merged_lora_state_dict
 
     tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
     model = build_causal_lm(tiny_spec, byte_tokenizer)
@@ -140,7 +145,7 @@ def test_merged_lora_state_dict_equals_peft_merge(tiny_spec, byte_tokenizer):
 def test_fsdp2_param_dtype_follows_trainer_precision():
     from types import SimpleNamespace
 
-    from modules.models import fsdp2_param_dtype
+    from recipes.modules.sharding import fsdp2_param_dtype
 
     assert fsdp2_param_dtype(SimpleNamespace(_trainer=SimpleNamespace(precision="bf16-mixed"))) is torch.bfloat16
     for precision in ("32-true", "bf16-true"):

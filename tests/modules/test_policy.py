@@ -4,8 +4,13 @@ import math
 
 import torch
 
-from modules.policy import (completion_logprobs, logprobs_from_logits, position_ids_from_mask, reference_context,
-                            sequence_logprobs)
+from recipes.modules.adapters import reference_context
+from recipes.modules.policy import (
+    completion_logprobs,
+    logprobs_from_logits,
+    position_ids_from_mask,
+    sequence_logprobs,
+)
 
 
 def test_logprobs_from_logits_equals_log_softmax_gather():
@@ -64,7 +69,7 @@ def test_left_padding_gives_unpadded_logprobs(tiny_model):
 
 
 def test_reference_context_disables_lora(tiny_spec, byte_tokenizer):
-    from modules.models import LoRASpec, build_causal_lm
+    from recipes.modules.models import LoRASpec, build_causal_lm
 
     tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
     model = build_causal_lm(tiny_spec, byte_tokenizer)
@@ -82,7 +87,7 @@ def test_reference_context_disables_lora(tiny_spec, byte_tokenizer):
 
 
 def test_reference_context_named_adapter_restores_training_state(tiny_spec, byte_tokenizer):
-    from modules.models import LoRASpec, build_causal_lm
+    from recipes.modules.models import LoRASpec, build_causal_lm
 
     tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
     model = build_causal_lm(tiny_spec, byte_tokenizer)

@@ -11,13 +11,16 @@ import time
 import pytest
 import torch
 
-from datamodules.prompts import PromptDataModule
-from modules.models import ModelSpec
-from modules.ppo import PPOModule
-from modules.rewards import CharacterFractionReward, SequenceClassifierReward
-from modules.rl_utils import masked_mean, masked_var
-from modules.types import Generation
 from recipes.__main__ import cli_main
+from recipes.datamodules.prompts import PromptDataModule
+from recipes.modules.models import ModelSpec
+from recipes.modules.ppo import PPOModule
+from recipes.modules.reward_functions import (
+    CharacterFractionReward,
+    SequenceClassifierReward,
+)
+from recipes.modules.rl_utils import masked_mean, masked_var
+from recipes.modules.types import Generation
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer
 
 
@@ -160,8 +163,8 @@ def _save_reward_model(path, tokenizer, hidden=32):
 
 
 def test_reward_model_with_another_tokenizer_is_retokenized(byte_tokenizer, tmp_path):
-    from datamodules.tokenizer import build_byte_tokenizer
-    from modules.scalar_models import sequence_scores
+    from recipes.modules.scalar_models import sequence_scores
+    from recipes.modules.tokenizer import build_byte_tokenizer
 
     rm_tok = build_byte_tokenizer()
     rm_tok.add_tokens(["hello"])  # "hello" is one token for the reward model, five for the policy

@@ -6,13 +6,13 @@ import statistics
 import pytest
 import torch
 
-from callbacks.ema_reference import EMAReference
-from datamodules.prompts import PromptDataModule
-from modules.models import LoRASpec, ModelSpec, build_causal_lm, is_peft
-from modules.policy import position_ids_from_mask
-from modules.ppo import PPOModule
-from modules.rewards import CharacterFractionReward
-from modules.types import Generation
+from recipes.callbacks.ema_reference import EMAReference
+from recipes.datamodules.prompts import PromptDataModule
+from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm, is_peft
+from recipes.modules.policy import position_ids_from_mask
+from recipes.modules.ppo import PPOModule
+from recipes.modules.reward_functions import CharacterFractionReward
+from recipes.modules.types import Generation
 from tests.conftest import TINY_LLAMA, quiet_trainer
 from tests.modules.test_ppo import FixedReward, make_module, prompt_batch
 

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from datamodules.ranking import RankingDataModule
-from modules.models import ModelSpec
-from modules.policy import completion_logprobs
-from modules.ranking import RankingModule
-from modules.ranking_losses import PROLoss, RRHFLoss
+from recipes.datamodules.ranking import RankingDataModule
+from recipes.modules.models import ModelSpec
+from recipes.modules.policy import completion_logprobs
+from recipes.modules.ranking import RankingModule
+from recipes.modules.ranking_losses import PROLoss, RRHFLoss
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from modules.losses import DPOLoss
-from modules.ranking_losses import PROLoss, RRHFLoss, ranking_accuracy
+from recipes.modules.losses import DPOLoss
+from recipes.modules.ranking_losses import PROLoss, RRHFLoss, ranking_accuracy
 
 
 def t(*rows):

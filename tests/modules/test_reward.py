@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from datamodules.preference import PreferenceDataModule
-from modules.models import LoRASpec, ModelSpec
-from modules.reward import RewardModule
-from modules.scalar_models import build_scalar_model, sequence_scores
 from recipes.__main__ import cli_main
+from recipes.datamodules.preference import PreferenceDataModule
+from recipes.modules.models import LoRASpec, ModelSpec
+from recipes.modules.reward import RewardModule
+from recipes.modules.scalar_models import build_scalar_model, sequence_scores
 from tests.conftest import TINY_LLAMA, quiet_trainer, write_jsonl
 
 

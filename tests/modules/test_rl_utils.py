@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modules.rl_utils import (
+from recipes.modules.rl_utils import (
     RunningMoments,
     gae_advantages,
     kl_estimate,

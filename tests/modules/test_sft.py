@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.sft import SFTDataModule
-from modules.models import ModelSpec
-from modules.sft import SFTModule
+from recipes.datamodules.sft import SFTDataModule
+from recipes.modules.models import ModelSpec
+from recipes.modules.sft import SFTModule
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 
@@ -88,9 +88,8 @@ def test_micro_batches_accumulated_equal_one_large_batch():
 def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
     """Stop after 5 steps (mid-epoch: 14 batches an epoch), resume from that checkpoint to step 9: the same
     parameters as 9 uninterrupted steps."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(max_steps, ckpt_path=None, save_every=None):
         L.seed_everything(7, verbose=False)
@@ -111,7 +110,7 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path):
 
 
 def test_lora_sft_changes_adapter_only():
-    from modules.models import LoRASpec
+    from recipes.modules.models import LoRASpec
 
     module, data = _module_and_data()
     module.spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)

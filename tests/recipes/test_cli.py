@@ -14,7 +14,6 @@ from recipes.__main__ import cli_main
 from tests.conftest import REPO
 
 
-
 def command_of(path: Path) -> str:
     """The `python -m recipes` subcommand a shipped YAML is written for (its own tests parse the non-Trainer ones)."""
     if path.parts[1] == "study":
@@ -25,7 +24,7 @@ def command_of(path: Path) -> str:
 SHIPPED_YAML = sorted(p.relative_to(REPO) for p in (REPO / "yaml").rglob("*.yaml"))
 ALL_YAML = [p for p in SHIPPED_YAML if command_of(p) == "fit"]
 TINY_YAML = [p for p in ALL_YAML if p.parts[1] == "tiny"]
-PACKAGES = ["recipes", "modules", "datamodules", "callbacks"]
+PACKAGES = ["recipes", "recipes.modules", "recipes.datamodules", "recipes.callbacks"]  # one import root
 
 
 def test_help_lists_subcommands():
@@ -57,16 +56,18 @@ def test_config_path_finds_shipped_yaml():
 
 
 def test_every_module_imports():
-    names = []
-    for pkg in PACKAGES:
+    """Every module of the one import root imports, sub-packages included (walk_packages recurses into them)."""
+    names = set()
+    for pkg in PACKAGES:  # a source checkout maps modules/, datamodules/, callbacks/ into recipes from outside it
         mod = importlib.import_module(pkg)
-        names += [f"{pkg}.{m.name}" for m in pkgutil.walk_packages(mod.__path__, prefix="") if not m.ispkg]
-        names += [f"{pkg}.{m.name}" for m in pkgutil.walk_packages(mod.__path__) if m.ispkg]
-    for name in names:
-        if name.endswith("__main__"):
-            continue
-        importlib.import_module(name)
-    assert len(names) > 10
+        names |= {m.name for m in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}.")}
+    for name in sorted(names):
+        if not name.endswith("__main__"):
+            importlib.import_module(name)
+    for nested in ("recipes.modules.code.sandbox.harness", "recipes.modules.code.execution", "recipes.evaluate.runner",
+                   "recipes.study.runner", "recipes.paper.synthetic", "recipes.datamodules.collate"):
+        assert nested in names, nested
+    assert len(names) > 60
 
 
 def test_tiny_sft_end_to_end_exports_a_generating_model(tmp_path):
@@ -114,7 +115,7 @@ def test_validate_test_and_export_from_checkpoint(tmp_path):
         res = cli_main([sub, *common, "--ckpt_path", ckpt]).trainer.callback_metrics
         assert key in res and torch.isfinite(res[key])
     preds = tmp_path / "preds.jsonl"
-    writer = {"class_path": "callbacks.prediction_writer.JSONLPredictionWriter", "init_args": {"path": str(preds)}}
+    writer = {"class_path": "recipes.callbacks.prediction_writer.JSONLPredictionWriter", "init_args": {"path": str(preds)}}
     cli_main(["predict", *common, "--ckpt_path", ckpt, "--trainer.callbacks", json.dumps([writer]),
               "--model.init_args.max_new_tokens", "4", "--return_predictions", "false"])
     rows = [json.loads(line) for line in preds.read_text().splitlines()]

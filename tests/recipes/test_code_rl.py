@@ -9,17 +9,22 @@ import os
 import pytest
 import torch
 
-from datamodules.code import load_problems
-from datamodules.code_synthesis import PROMPT, code_sft_rows, expression_problem, synthesis_problems
-from datamodules.prompts import PromptDataModule
-from modules.code_eval import CodeProblem
-from modules.code_reward import UnitTestReward
-from modules.execution import SandboxConfig
-from modules.models import ModelSpec, build_causal_lm
-from modules.ppo import PPOModule
-from modules.sandbox_host import sandbox_capabilities
 from recipes import code_eval
 from recipes.__main__ import cli_main
+from recipes.datamodules.code import load_problems
+from recipes.datamodules.code_synthesis import (
+    PROMPT,
+    code_sft_rows,
+    expression_problem,
+    synthesis_problems,
+)
+from recipes.datamodules.prompts import PromptDataModule
+from recipes.modules.code.execution import SandboxConfig
+from recipes.modules.code.host import sandbox_capabilities
+from recipes.modules.code.problems import CodeProblem
+from recipes.modules.code.reward import UnitTestReward
+from recipes.modules.models import ModelSpec, build_causal_lm
+from recipes.modules.ppo import PPOModule
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer
 
 CONFIG = SandboxConfig(timeout_s=5.0, startup_s=30.0)

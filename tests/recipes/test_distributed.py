@@ -40,7 +40,7 @@ def _fit(tmp_path, name: str, devices: int, strategy, global_batch: int = GLOBAL
          config: str = "yaml/tiny/sft.yaml", extra: tuple[str, ...] | None = None, steps: int = STEPS,
          callbacks: tuple[dict, ...] = (), batch_arg: str = "batch_size") -> dict[str, torch.Tensor]:
     out = tmp_path / name
-    export = {"class_path": "callbacks.hf_export.HFExport", "init_args": {"dirpath": str(out / "hf")}}
+    export = {"class_path": "recipes.callbacks.hf_export.HFExport", "init_args": {"dirpath": str(out / "hf")}}
     if extra is None:  # SFT: a per-rank mean of per-sequence means is exact
         extra = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200",
                  "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0")
@@ -82,7 +82,7 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
 def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
     """LoRA under FSDP2 (frozen base weights and trainable adapters in the same units): 2 x 2 rows end where 1 x 4
     does, and the sharded model exports with the adapter merged (gathered, then
-    `modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged has
+    `recipes.modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged has
     been trained (its B matrices, zero at init, are not)."""
     _skip_without_gloo()
     from transformers import AutoModelForCausalLM
@@ -90,7 +90,7 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
     lora = ("--model.init_args.loss_reduction", "sequence", "--data.init_args.max_rows", "200",
             "--trainer.gradient_clip_val", "null", "--model.init_args.scheduler.init_args.warmup_steps", "0",
             "--model.init_args.model.lora", json.dumps({"r": 4, "alpha": 8, "dropout": 0.0}))
-    adapter = {"class_path": "callbacks.hf_export.HFExport",
+    adapter = {"class_path": "recipes.callbacks.hf_export.HFExport",
                "init_args": {"dirpath": str(tmp_path / "adapter"), "merge_lora": False}}
     single = _fit(tmp_path, "lora-single", 1, "auto", extra=lora)
     double = _fit(tmp_path, "lora-fsdp2", 2, FSDP2, extra=lora, callbacks=(adapter,))
@@ -104,7 +104,7 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
 @pytest.mark.slow
 def test_reward_model_ddp_and_fsdp2_match_one_process(tmp_path):
     """The reward model's pairwise loss is a per-pair mean: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2
-    (backbone layers and head sharded: `modules.distributed.fsdp2_shard_scalar`). Before the reward model was sharded,
+    (backbone layers and head sharded: `recipes.modules.sharding.fsdp2_shard_scalar`). Before the reward model was sharded,
     each FSDP2 rank trained its own unsynchronized copy and the export differed from the checkpoint."""
     _skip_without_gloo()
     rm = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
@@ -157,19 +157,19 @@ def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
     minibatch, 4 epochs, an EMA reference (eta 0.5), advantage whitening and a reward-model reward (sharded under
     FSDP2, 3 rows per forward): 2 x 4 prompts under DDP and FSDP2 end where 1 x 8 does (to 5e-4), while a rollout of
     4 prompts ends elsewhere. This holds only because whitening,
-    the token-weighted losses and the target-KL test use statistics of every rank (`modules.distributed`), and
+    the token-weighted losses and the target-KL test use statistics of every rank (`recipes.modules.distributed`), and
     under FSDP2 the sampling loop runs on gathered weights and EMA lerps the local shards of policy and reference."""
     _skip_without_gloo()
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
     from tests.modules.test_ppo import _save_reward_model
 
-    reward = {"class_path": "modules.rewards.SequenceClassifierReward",  # FSDP2 shards it (DDP: a copy per rank)
+    reward = {"class_path": "recipes.modules.reward_functions.SequenceClassifierReward",  # FSDP2 shards it (DDP: a copy per rank)
               "init_args": {"path": _save_reward_model(tmp_path / "rm", load_tokenizer("builtin:byte")),
                             "batch_size": 3}}
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
            "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0",
            "--model.init_args.reward", json.dumps(reward))
-    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    ema = ({"class_path": "recipes.callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
     kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size")
     single = _fit(tmp_path, "ppo-single", 1, "auto", global_batch=8, **kwargs)
     control = _fit(tmp_path, "ppo-control", 1, "auto", global_batch=4, **kwargs)
@@ -182,7 +182,7 @@ def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
 @pytest.mark.slow
 def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
     """LoRA PPO (policy and critic) with an EMA reference adapter: ``EMAReference`` plans its adapter
-    (`modules.policy.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is sharded
+    (`recipes.modules.adapters.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is sharded
     like the policy's adapter and lerped on local shards. 2 x 4 prompts end where 1 x 8 does (merged exports, to
     5e-4), while a rollout of 4 prompts ends elsewhere; the sharded checkpoint exports (`python -m recipes.export`)
     to exactly what the run exported."""
@@ -191,7 +191,7 @@ def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
            "--model.init_args.target_kl", "1000.0", "--model.init_args.model.lora", lora,
            "--model.init_args.critic.lora", json.dumps({**json.loads(lora), "modules_to_save": ["score"]}))
-    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    ema = ({"class_path": "recipes.callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
     kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size")
     single = _fit(tmp_path, "lora-ppo-single", 1, "auto", global_batch=8, **kwargs)
     control = _fit(tmp_path, "lora-ppo-control", 1, "auto", global_batch=4, **kwargs)
@@ -218,8 +218,8 @@ def test_deepspeed_zero2_and_zero3_match_one_process(tmp_path, monkeypatch):
     a random init inside ``deepspeed.zero.Init`` draws other weights than a plain one."""
     _skip_without_gloo()
     pytest.importorskip("deepspeed")
-    from datamodules.tokenizer import load_tokenizer
-    from modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.tokenizer import load_tokenizer
     from tests.conftest import TINY_LLAMA
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests" / "deepspeed_cpu"), str(REPO)]))
@@ -242,7 +242,7 @@ def test_deepspeed_zero2_and_zero3_match_one_process(tmp_path, monkeypatch):
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
            "--model.init_args.micro_batch_size", "2", "--model.init_args.max_grad_norm", "null",
            "--model.init_args.normalize_values", "true", "--model.init_args.target_kl", "1000.0")
-    ema = ({"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
+    ema = ({"class_path": "recipes.callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}},)
     kwargs = dict(config="yaml/tiny/ppo.yaml", extra=ppo, steps=2, callbacks=ema, batch_arg="rollout_batch_size",
                   global_batch=8)
     single = _fit(tmp_path, "ppo-single", 1, "auto", **kwargs)
@@ -295,7 +295,7 @@ def test_ppo_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
     ckpt = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
             "init_args": {"dirpath": str(tmp_path / "ckpts"), "every_n_train_steps": 2, "save_top_k": -1,
                           "filename": "{step}"}}
-    ema = {"class_path": "callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}}
+    ema = {"class_path": "recipes.callbacks.ema_reference.EMAReference", "init_args": {"eta": 0.5}}
     ppo = ("--model.init_args.mini_batch_size", "null", "--model.init_args.ppo_epochs", "2",
            "--model.init_args.normalize_rewards", "true", "--model.init_args.normalize_values", "true")
     kwargs = dict(config="yaml/tiny/ppo.yaml", global_batch=8, batch_arg="rollout_batch_size")
@@ -314,13 +314,13 @@ def _sharded_worker(rank: int, init_file: str, result_file: str, rm_path: str) -
 
     from torch.distributed.device_mesh import init_device_mesh
 
-    from callbacks.ema_reference import local_pair
-    from datamodules.tokenizer import load_tokenizer
-    from modules.distributed import reshard, unsharded
-    from modules.generation import sample
-    from modules.models import ModelSpec, build_causal_lm, fsdp2_shard
-    from modules.ppo import PPOModule
-    from modules.rewards import SequenceClassifierReward
+    from recipes.callbacks.ema_reference import local_pair
+    from recipes.modules.generation import sample
+    from recipes.modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.ppo import PPOModule
+    from recipes.modules.reward_functions import SequenceClassifierReward
+    from recipes.modules.sharding import fsdp2_shard, reshard, unsharded
+    from recipes.modules.tokenizer import load_tokenizer
     from tests.conftest import TINY_LLAMA
 
     torch.set_num_threads(1)
@@ -396,7 +396,7 @@ def _sharded_worker(rank: int, init_file: str, result_file: str, rm_path: str) -
 
 @pytest.mark.slow  # 2 spawned interpreters importing transformers: 10-45 s
 def test_unsharded_sampling_sharded_ema_lerp_bf16_gather_and_sharded_reward_model(tmp_path):
-    """FSDP2 over 2 processes: inside `modules.distributed.unsharded`, ranks make different numbers of forwards (3
+    """FSDP2 over 2 processes: inside `recipes.modules.sharding.unsharded`, ranks make different numbers of forwards (3
     and 7 greedy tokens; outside it the per-layer all-gathers would hang) and sample what the unsharded model
     samples; the EMA lerp on local shards, after a forward of the reference and the resharding EMAReference does, gives
     ``0.75 ref + 0.25 policy`` of the full tensors (weights and the next forward's logits), and the reference stays
@@ -408,7 +408,7 @@ def test_unsharded_sampling_sharded_ema_lerp_bf16_gather_and_sharded_reward_mode
     _skip_without_gloo()
     import torch.multiprocessing as mp
 
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
     from tests.modules.test_ppo import _save_reward_model
 
     rm_path = _save_reward_model(tmp_path / "rm", load_tokenizer("builtin:byte"))

@@ -11,8 +11,8 @@ import os
 import sys
 
 import pytest
-import yaml
 
+import yaml
 from tests.conftest import REPO, shared_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]

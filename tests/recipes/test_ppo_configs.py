@@ -2,12 +2,12 @@
 exactly one trick per rung (Xu et al., arXiv 2404.10719, Sec. 5 and Table 3)."""
 
 import pytest
-import yaml
 
+import yaml
 from tests.conftest import REPO
 
 LADDER = ["ppo_base", "ppo_advnorm", "ppo_largebatch", "ppo_ema"]
-EMA = "callbacks.ema_reference.EMAReference"
+EMA = "recipes.callbacks.ema_reference.EMAReference"
 
 
 def flat(tree, prefix=""):

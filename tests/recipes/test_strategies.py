@@ -14,10 +14,10 @@ from types import SimpleNamespace
 from typing import Union
 
 import pytest
-import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.strategies import DeepSpeedStrategy, Strategy
 
+import yaml
 from tests.conftest import REPO
 
 STRATEGY_YAML = []
@@ -106,8 +106,8 @@ def test_deepspeed_yaml_zero_config(path, strategy, deepspeed_constructible):
 def test_ppo_refuses_zero3_and_fsdp1_with_a_clear_error(strategy, deepspeed_constructible, tiny_spec, byte_tokenizer):
     """Under ZeRO-3 a frozen reference copy of partitioned weights is empty, and Lightning's FSDPStrategy cannot clip
     by norm: PPO stops at configure_optimizers and names what to use instead (ZeRO-2 runs: test_distributed.py)."""
-    from modules.ppo import PPOModule
-    from modules.rewards import CharacterFractionReward
+    from recipes.modules.ppo import PPOModule
+    from recipes.modules.reward_functions import CharacterFractionReward
 
     module = PPOModule(model=tiny_spec, critic=tiny_spec, reward=CharacterFractionReward(), tokenizer=byte_tokenizer)
     module._trainer = SimpleNamespace(strategy=_build(strategy))
@@ -133,11 +133,11 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from callbacks.ema_reference import local_pair
-    from datamodules.tokenizer import load_tokenizer
-    from modules.dpo import DPOModule
-    from modules.export import save_pretrained
-    from modules.models import ModelSpec, build_causal_lm
+    from recipes.callbacks.ema_reference import local_pair
+    from recipes.modules.dpo import DPOModule
+    from recipes.modules.export import save_pretrained
+    from recipes.modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.tokenizer import load_tokenizer
     from tests.conftest import TINY_LLAMA
 
     folder = tmp_path / "tiny"
@@ -187,11 +187,11 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
 
 def test_fsdp_strategy_clips_by_norm_through_the_fsdp_root(tiny_spec, byte_tokenizer):
     """Lightning's FSDP precision plugin refuses ``gradient_clip_val`` by norm (the shipped FSDP YAMLs set 1.0), so
-    `modules.base.AlignmentModule` hands it to the FSDP root's ``clip_grad_norm_``; a GPU is needed to run FSDP
+    `recipes.modules.base.AlignmentModule` hands it to the FSDP root's ``clip_grad_norm_``; a GPU is needed to run FSDP
     itself, so the hook is checked against a recording stand-in for the wrapped root."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from modules.sft import SFTModule
+    from recipes.modules.sft import SFTModule
 
     calls = []
     strategy = FSDPStrategy()
@@ -218,9 +218,9 @@ DEEPSPEED_STEP = """
 import sys
 import deepspeed
 import torch
-from datamodules.tokenizer import load_tokenizer
-from modules.models import ModelSpec
-from modules.sft import SFTModule
+from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.models import ModelSpec
+from recipes.modules.sft import SFTModule
 from tests.conftest import TINY_LLAMA
 
 stage, out = int(sys.argv[1]), sys.argv[2]

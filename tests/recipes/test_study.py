@@ -168,7 +168,7 @@ def test_every_study_stage_instantiates_through_the_cli(tmp_path):
         path = tmp_path / f"{job.stage}.yaml"
         path.write_text(yaml.safe_dump(lightning_config(job, dict(parsed.defaults))))
         cli = cli_main(["--config", str(path)], run=False)
-        assert type(cli.model).__module__.startswith("modules."), key
+        assert type(cli.model).__module__.startswith("recipes.modules."), key
 
 
 # --- report -------------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_report_only_rewrites_the_report_from_saved_evaluations(tmp_path):
 SHRINK = ["stages.sft.config.trainer.max_steps=30", "stages.reward.config.trainer.max_steps=10",
           "stages.dpo.config.trainer.max_steps=4", "stages.sft_preferred.config.trainer.max_steps=4",
           "stages.dpo_iter.config.trainer.max_epochs=1",
-          ("stages.dpo_iter.config.trainer.callbacks=[{class_path: callbacks.dpo_iter.DPOIterRound, "
+          ("stages.dpo_iter.config.trainer.callbacks=[{class_path: recipes.callbacks.dpo_iter.DPOIterRound, "
            "init_args: {rounds: 1}}]"), "stages.dpo_iter.config.data.init_args.prompts_per_round=16",
           "stages.ppo_base.config.trainer.max_steps=2", "stages.ppo_base.config.data.init_args.rollout_batch_size=8",
           "stages.ppo_base.config.model.init_args.mini_batch_size=4",

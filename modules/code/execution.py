@@ -1,8 +1,8 @@
 """Run untrusted generated programs in a sandbox: limits, namespaces, a dedicated uid, capped output, many workers.
 
 `execute` runs one `ExecutionJob` (one program, one or more test units); `execute_many` runs jobs in parallel with a
-progress bar. Launching the harness and its pipes are in `modules/sandbox_launch.py`, the child side in
-`modules/sandbox_harness.py`; the threat model is in docs/execution.md.
+progress bar. Launching the harness and its pipes are in `modules/code/launch.py`, the child side in
+`modules/code/sandbox/harness.py`; the threat model is in docs/execution.md.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modules.sandbox_host import UidLease, lease_uid, sandbox_capabilities
-from modules.sandbox_launch import communicate
+from recipes.modules.code.host import UidLease, lease_uid, sandbox_capabilities
+from recipes.modules.code.launch import communicate
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,17 @@ _PREIMPORT = ("math", "collections", "itertools", "functools", "heapq", "bisect"
               "traceback")  # only imported up front when /root (the interpreter) is unreadable to the sandbox uid
 
 
+def checkout_root() -> Path | None:
+    """The source checkout this file runs from (the nearest folder above it with a ``pyproject.toml``), or None for an
+    installed copy. Found by walking up, so moving this file within the package cannot change the answer."""
+    return next((p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()), None)
+
+
 def _default_hidden() -> tuple[str, ...]:
-    """Home folders and the folder holding this repository (problem files, canonical solutions, tests)."""
-    repo_parent = Path(__file__).resolve().parents[2]
-    candidates = ["/root", "/home", str(repo_parent)]
+    """Home folders and the folder holding this repository's checkout (problem files, canonical solutions, tests,
+    ``../shared/data``); an installed copy hides the home folders only (name more in ``hidden_paths``)."""
+    root = checkout_root()
+    candidates = ["/root", "/home"] + ([str(root.parent)] if root is not None else [])
     return tuple(p for p in candidates if p != "/" and os.path.isdir(p))
 
 
@@ -197,7 +204,7 @@ def execute(job: ExecutionJob, config: SandboxConfig | None = None) -> Execution
     with _isolation(config) as (lease, workdir):
         payload = marshal.dumps(_spec(job, config, lease and lease.uid, workdir, nonce))
         cap = len(job.inputs) * (12 * config.out_bytes + 16384) + 65536
-        out, err, timed_out = communicate(config, payload, config.wall_timeout(len(job.inputs)), cap)
+        out, err, timed_out = communicate(config.python, config.fork_server, payload, config.wall_timeout(len(job.inputs)), cap)
         done = not timed_out and out.rstrip().endswith(f"{{'end': {len(job.inputs)}}}".encode())
         if lease is not None and done and sandbox_capabilities(config.python).pid_ns:
             lease.needs_sweep = False  # pid 1 of the namespace exited and H reaped it: the kernel killed the rest

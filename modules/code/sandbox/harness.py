@@ -1,7 +1,7 @@
-"""Child side of the sandbox: imported by ``python -I -S -c`` (see `modules.execution`), job spec on stdin (marshal).
+"""Child side of the sandbox: imported by ``python -I -S -c`` (see `recipes.modules.code.execution`), job spec on stdin (marshal).
 
 Standard library only, imported from its cached bytecode (a script would be recompiled every launch); its libc calls
-and mount set-up are in `modules/sandbox_kernel.py`. Process tree:
+and mount set-up are in `modules/code/sandbox/kernel.py`. Process tree:
 H (this script, root) -> unshare(net, mount, pid) -> fork I (pid 1 of the new namespace, drops to the sandbox uid)
 -> fork G per test unit (runs the untrusted program). I writes one JSON record per unit to stdout, then ``{"end": n}``.
 """
@@ -19,9 +19,9 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
 SIGKILL = 9  # not `import signal`: it pulls in enum, functools, collections (7 ms of a 25 ms launch)
 
 if __package__:  # imported as part of the package (docs, import checks)
-    from modules import sandbox_kernel as kernel
+    from recipes.modules.code.sandbox import kernel
 else:  # imported by the sandbox, with this folder on sys.path for the duration of the import
-    import sandbox_kernel as kernel
+    import kernel
 
 _libc_handle = kernel.libc_handle  # the fork server loads libc through this name once, before it forks
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from recipes.evaluate import build_parser, main
+from recipes.evaluate import main
+from recipes.evaluate.runner import build_parser
 from tests.conftest import REPO, TINY_LLAMA
-from tests.modules.test_judge import Endpoint, prefer_longer
+from tests.recipes.evaluate.test_judge import Endpoint, prefer_longer
 
 N = 12  # prompts
 
@@ -39,9 +40,9 @@ def other_tokenizer():
 def folders(tmp_path_factory):
     """Policies ``a`` and ``b`` (byte tokenizer, different random weights), ``c`` (a policy on the other
     tokenizer), and a reward and a cost model on the other tokenizer."""
-    from datamodules.tokenizer import load_tokenizer
-    from modules.models import ModelSpec, build_causal_lm
-    from modules.scalar_models import build_scalar_model
+    from recipes.modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.scalar_models import build_scalar_model
+    from recipes.modules.tokenizer import load_tokenizer
 
     root, byte, other = tmp_path_factory.mktemp("models"), load_tokenizer("builtin:byte"), other_tokenizer()
     out = {}
@@ -119,7 +120,7 @@ def test_a_reward_model_with_another_tokenizer_reads_its_own_ids(run, folders):
     """Score three rows by hand: the RM's own tokenizer, EOS appended, one unpadded row, the head at the last token."""
     from transformers import AutoModelForSequenceClassification
 
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
 
     _, _, rows = run
     tok, rm = load_tokenizer(folders["rm"]), AutoModelForSequenceClassification.from_pretrained(folders["rm"])
@@ -226,8 +227,8 @@ def test_a_lightning_checkpoint_is_exported_with_its_run_config_and_evaluated(tm
 
 
 def test_an_unreachable_judge_stops_the_run_naming_it_after_the_texts_are_written(folders, tmp_path):
-    from modules.judge import JudgeUnreachableError
-    from tests.modules.test_judge import free_port
+    from recipes.evaluate.judge import JudgeUnreachableError
+    from tests.recipes.evaluate.test_judge import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     judge = {"base_url": url, "model": "m", "template": "{prompt}{response_a}{response_b}", "max_retries": 0}
@@ -237,7 +238,7 @@ def test_an_unreachable_judge_stops_the_run_naming_it_after_the_texts_are_writte
 
 
 def test_oasst_markers_by_hand():
-    from datamodules.eval_prompts import oasst_pair
+    from recipes.datamodules.eval_prompts import oasst_pair
 
     prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant:"
     expected = ("<|prompter|>Hi there<|endoftext|><|assistant|>Hello!<|endoftext|>"
@@ -262,7 +263,7 @@ def test_real_hh_prompts_with_oasst_markers(folders, tmp_path):
     assert {c["n"] for c in report["comparisons"]} == {4}
     from transformers import AutoModelForSequenceClassification
 
-    from datamodules.tokenizer import load_tokenizer
+    from recipes.modules.tokenizer import load_tokenizer
 
     tok, rm = load_tokenizer(folders["rm"]), AutoModelForSequenceClassification.from_pretrained(folders["rm"])
     row = next(r for r in rows if r["method"] == "chosen")  # a multi-turn history, rewritten by hand below

@@ -1,5 +1,5 @@
 """Starting the sandbox's harness H (through the fork server or as a fresh interpreter) and exchanging bytes with it:
-the job spec in, capped records and diagnostics out, a SIGKILL at the deadline. Used by `modules.execution`."""
+the job spec in, capped records and diagnostics out, a SIGKILL at the deadline. Used by `recipes.modules.code.execution`."""
 
 from __future__ import annotations
 
@@ -11,38 +11,34 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from recipes.modules.code.host import ForkServer, sandbox_capabilities
 
-from modules.sandbox_host import ForkServer, sandbox_capabilities
-
-if TYPE_CHECKING:
-    from modules.execution import SandboxConfig
-
-HARNESS = Path(__file__).with_name("sandbox_harness.py")
-# Import the harness (from its cached bytecode) rather than run it as a script. Its folder goes *last* on sys.path (this
-# package has modules named like the standard library's, e.g. types.py) and is dropped right after the import.
-_IMPORT = f"import sys; sys.path.append({str(HARNESS.parent)!r}); import sandbox_{{}}; del sys.path[-1]; "
-_LAUNCH = _IMPORT.format("harness") + "sys.exit(sandbox_harness.main())"
-_SERVE = _IMPORT.format("forkserver") + "sys.exit(sandbox_forkserver.serve(int(sys.argv[1])))"
+HARNESS = Path(__file__).with_name("sandbox") / "harness.py"
+# Import the harness (from its cached bytecode) rather than run it as a script. Its folder (the child side alone, so no
+# file there is named like a standard-library module) goes *last* on sys.path and is dropped right after the import.
+_IMPORT = f"import sys; sys.path.append({str(HARNESS.parent)!r}); import {{}}; del sys.path[-1]; "
+_LAUNCH = _IMPORT.format("harness") + "sys.exit(harness.main())"
+_SERVE = _IMPORT.format("forkserver") + "sys.exit(forkserver.serve(int(sys.argv[1])))"
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": "/tmp", "TMPDIR": "/tmp"}
 
 
-def launch(config: SandboxConfig) -> tuple[int, int, int, Callable[[], None], Callable[[], None]]:
+def launch(python: str, fork_server: bool) -> tuple[int, int, int, Callable[[], None], Callable[[], None]]:
     """Start H with a spec pipe on fd 0 and record/diagnostic pipes on fds 1, 2; return (spec_w, out_r, err_r, kill,
-    reap). Through the fork server when the pid namespace makes killing H enough, else a fresh interpreter."""
+    reap). ``python`` runs H: through the fork server (if ``fork_server``) when the pid namespace makes killing H
+    enough, else a fresh interpreter."""
     spec_r, spec_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     try:
-        if config.fork_server and sandbox_capabilities(config.python).pid_ns:
-            _, pidfd = ForkServer.get(config.python, _SERVE, _ENV).spawn(spec_r, out_w, err_w)
+        if fork_server and sandbox_capabilities(python).pid_ns:
+            _, pidfd = ForkServer.get(python, _SERVE, _ENV).spawn(spec_r, out_w, err_w)
 
             def kill() -> None:  # H dies -> I gets PDEATHSIG -> the kernel empties the pid namespace
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
             return spec_w, out_r, err_r, kill, lambda: os.close(pidfd)
-        proc = subprocess.Popen([config.python, "-I", "-S", "-c", _LAUNCH], stdin=spec_r, stdout=out_w, stderr=err_w,
+        proc = subprocess.Popen([python, "-I", "-S", "-c", _LAUNCH], stdin=spec_r, stdout=out_w, stderr=err_w,
                                 env=_ENV, start_new_session=True)
 
         def killpg() -> None:  # before wait(): the group id cannot have been reused yet
@@ -59,9 +55,9 @@ def launch(config: SandboxConfig) -> tuple[int, int, int, Callable[[], None], Ca
             os.close(fd)
 
 
-def communicate(config: SandboxConfig, payload: bytes, wall: float, cap: int) -> tuple[bytes, bytes, bool]:
+def communicate(python: str, fork_server: bool, payload: bytes, wall: float, cap: int) -> tuple[bytes, bytes, bool]:
     """Send the spec, read records and stderr incrementally with caps; SIGKILL H at the deadline."""
-    spec_w, out_r, err_r, kill, reap = launch(config)
+    spec_w, out_r, err_r, kill, reap = launch(python, fork_server)
     with contextlib.suppress(BrokenPipeError):
         view = memoryview(payload)
         while view:

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from datamodules.prompts import pad_prompts
-from datamodules.tokenizer import load_tokenizer
-from modules.evaluation import sequence_kl
-from modules.generation import sample
+from recipes.datamodules.collate import pad_prompts
+from recipes.evaluate.metrics import sequence_kl
+from recipes.modules.generation import sample
+from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def load_policy(folder: str, dtype: str, device: str) -> tuple[nn.Module, object
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(folder)
-    from modules.models import torch_dtype
+    from recipes.modules.models import torch_dtype
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype(dtype))
     return model.requires_grad_(False).eval().to(device), tokenizer
@@ -119,9 +119,9 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], spec: Generati
              ) -> Generations:
     """Sample one response per prompt, ``spec.batch_size`` prompts at a time, in prompt order.
 
-    Prompts are tokenized as `datamodules.prompts.PromptDataModule` does (special tokens added) and left-padded;
+    Prompts are tokenized as `recipes.datamodules.prompts.PromptDataModule` does (special tokens added) and left-padded;
     one generator seeded with ``seed`` draws every token. With ``reference`` each response's KL(policy || reference)
-    is estimated on the same batch (`modules.evaluation.sequence_kl`).
+    is estimated on the same batch (`recipes.evaluate.metrics.sequence_kl`).
     """
     from tqdm.auto import tqdm
 

@@ -1,5 +1,5 @@
 """The sandbox child side's kernel interface: libc calls through ctypes (loaded on first use) and the mount-namespace
-set-up of I. Standard library only, imported with `modules/sandbox_harness.py` (same rules: no costly imports).
+set-up of I. Standard library only, imported with `modules/code/sandbox/harness.py` (same rules: no costly imports).
 """
 
 import os

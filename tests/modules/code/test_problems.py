@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.code import load_problems
-from datamodules.io import DataFormatError
-from modules.code_eval import CodeProblem, evaluate_completions, stdout_matches, values_match
-from modules.execution import SandboxConfig
 from recipes import code_eval as command
+from recipes.datamodules.code import load_problems
+from recipes.datamodules.io import DataFormatError
+from recipes.modules.code.execution import SandboxConfig
+from recipes.modules.code.problems import (
+    CodeProblem,
+    evaluate_completions,
+    stdout_matches,
+    values_match,
+)
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "code"
-REPO = Path(__file__).resolve().parents[2]
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "code"
+REPO = Path(__file__).resolve().parents[3]
 SHARED_DATA = Path(os.environ.get("RLHF_SHARED_DATA", REPO.parent / "shared" / "data"))
 HUMANEVAL = SHARED_DATA / "human-eval" / "HumanEval.jsonl.gz"
 CONFIG = SandboxConfig(timeout_s=10.0, startup_s=30.0)  # generous: 2 shared cores, many parallel launches

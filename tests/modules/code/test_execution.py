@@ -17,9 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from modules.code_eval import CodeProblem, evaluate_completions
-from modules.execution import ExecutionJob, SandboxConfig, execute, execute_many
-from modules.sandbox_host import processes_of_uid, sandbox_capabilities
+from recipes.modules.code.execution import (
+    ExecutionJob,
+    SandboxConfig,
+    execute,
+    execute_many,
+)
+from recipes.modules.code.host import processes_of_uid, sandbox_capabilities
+from recipes.modules.code.problems import CodeProblem, evaluate_completions
 
 CAPS = sandbox_capabilities()
 isolated = pytest.mark.skipif(not CAPS.isolated, reason=f"needs root + namespaces; this machine: {CAPS.as_dict()}")
@@ -190,7 +195,7 @@ def test_detach_snippet_does_outlive_an_unsandboxed_run():
 
 def test_degraded_mode_without_namespaces_or_setuid_still_runs_and_reaps(monkeypatch):
     """What a non-root machine gets: rlimits, a session, and orphans reaped through the subreaper scan."""
-    import modules.execution as execution
+    import recipes.modules.code.execution as execution
 
     degraded = dataclasses.replace(CAPS, setuid=False, net_ns=False, mount_ns=False, pid_ns=False)
     monkeypatch.setattr(execution, "sandbox_capabilities", lambda python=None: degraded)

@@ -1,7 +1,7 @@
 """`python -m recipes evaluate --config yaml/tiny/eval.yaml`: generate with each policy on a prompt set, then score
 with a reward model (and a cost model), compare with baselines (win/tie/loss by reward-model score, optionally by an
 LLM judge in both orders), measure the KL to a reference, and write the Table-4-shaped table, a JSON report and plots.
-The steps live in `recipes.eval_policies`, `modules.evaluation`, `modules.judge` and `recipes.eval_report`.
+The steps live in `recipes.evaluate.policies`, `recipes.evaluate.metrics`, `recipes.evaluate.judge` and `recipes.evaluate.report`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,15 @@ from typing import Any, Literal
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from datamodules.eval_prompts import WITH_CHOSEN, PromptSetSpec, load_eval_prompts, oasst_pair
-from modules.evaluation import safety_summary, score_summary, win_tie_loss
-from recipes import eval_report
-from recipes.eval_policies import (
+from recipes.evaluate import report as eval_report
+from recipes.datamodules.eval_prompts import (
+    WITH_CHOSEN,
+    PromptSetSpec,
+    load_eval_prompts,
+    oasst_pair,
+)
+from recipes.evaluate.metrics import safety_summary, score_summary, win_tie_loss
+from recipes.evaluate.policies import (
     GenerationSpec,
     PolicySpec,
     check_same_tokenizer,
@@ -35,7 +40,7 @@ CHOSEN = eval_report.CHOSEN
 class ScorerSpec:
     """A reward or cost model: a sequence-classification folder with one label (an exported ``RewardModule`` or any
     Hugging Face one) or a ``.ckpt`` (exported first). Texts are re-tokenized with its own tokenizer, so it may use
-    another vocabulary than the policies (`modules.rewards.SequenceClassifierReward`).
+    another vocabulary than the policies (`recipes.modules.reward_functions.SequenceClassifierReward`).
 
     Args:
         path: the folder or checkpoint. config: a checkpoint's run config (default: two folders up).
@@ -57,7 +62,7 @@ class ScorerSpec:
 
 @dataclass
 class JudgeSpec:
-    """An LLM judge at an OpenAI-compatible endpoint (see `modules.judge.ChatJudge` for each field).
+    """An LLM judge at an OpenAI-compatible endpoint (see `recipes.evaluate.judge.ChatJudge` for each field).
 
     ``baselines`` lists what each policy is judged against (judging costs calls: 2 per prompt and pair); ``cache``
     defaults to ``<out_dir>/judge_cache.jsonl``; the API key is read from the ``api_key_env`` variable, never YAML.
@@ -124,7 +129,7 @@ def score(spec: ScorerSpec, name: str, out_dir: str, prompts: list[str], texts: 
     """Score every method's responses with one reward/cost model (loaded once, released after)."""
     from tqdm.auto import tqdm
 
-    from modules.rewards import SequenceClassifierReward
+    from recipes.modules.reward_functions import SequenceClassifierReward
 
     folder = resolve_folder(name, spec.path, spec.config, out_dir)
     model = SequenceClassifierReward(folder, spec.tokenizer, spec.append_eos, spec.batch_size, spec.max_length,
@@ -187,7 +192,7 @@ def run(cfg: Any) -> dict[str, Any]:
     folders = {p.name: resolve_folder(p.name, p.path, p.config, cfg.out_dir) for p in cfg.policies}
     prompt_tok = None
     if cfg.prompts.prompt_format == "chat":  # rendered with the first policy's chat template
-        from datamodules.tokenizer import load_tokenizer
+        from recipes.modules.tokenizer import load_tokenizer
 
         prompt_tok = load_tokenizer(folders[cfg.policies[0].name])
     data = load_eval_prompts(cfg.prompts, prompt_tok)
@@ -235,7 +240,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
 def run_judge(cfg: Any, prompts: list[str], texts: dict[str, list[str]]) -> list[dict[str, Any]]:
     """Judge each policy against each of ``judge.baselines`` in both orders (resumable through the cache)."""
-    from modules.judge import ChatJudge
+    from recipes.evaluate.judge import ChatJudge
 
     j = cfg.judge
     judge = ChatJudge(j.base_url, j.model, j.template, j.system_prompt, j.verdicts, j.temperature, j.max_tokens,

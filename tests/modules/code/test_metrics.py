@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.code_metrics import NAtK, PassAtK, n_at_k, pass_at_k
+from recipes.modules.code.metrics import NAtK, PassAtK, n_at_k, pass_at_k
 
 
 def test_pass_at_k_hand_computed():

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.code import CodePromptDataset, load_problems
-from modules.code_reward import UnitTestReward, extract_code
-from modules.execution import SandboxConfig
-from modules.rewards import RewardFunction
+from recipes.datamodules.code import CodePromptDataset, load_problems
+from recipes.modules.code.execution import SandboxConfig
+from recipes.modules.code.reward import UnitTestReward, extract_code
+from recipes.modules.reward_functions import RewardFunction
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "code"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "code"
 CONFIG = SandboxConfig(timeout_s=5.0, startup_s=30.0)
 
 

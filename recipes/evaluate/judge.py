@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from modules.evaluation import WinTieLoss, both_orders_outcome, count_outcomes
+from recipes.evaluate.metrics import WinTieLoss, both_orders_outcome, count_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ChatJudge:
     """Pairwise LLM judge over an OpenAI-compatible ``POST {base_url}/chat/completions``.
 
     Each pair is judged twice, the policy's response shown first (``ab``) and second (``ba``); the prompt's outcome
-    follows `modules.evaluation.both_orders_outcome`, so a judge's position bias shows up as ties. A verdict is the
+    follows `recipes.evaluate.metrics.both_orders_outcome`, so a judge's position bias shows up as ties. A verdict is the
     marker (``verdicts``) that occurs last in the reply. Finished judgments are appended (and flushed) to ``cache``,
     keyed by the judge's identity (model, system prompt, template) and ``(prompt, a, b, order)``; a rerun asks only
     what is missing. Timeouts, HTTP errors and replies without a verdict are retried ``max_retries`` times with

@@ -1,6 +1,6 @@
 """Fork server of the sandbox: one warm root interpreter that forks a fresh harness (H) per job.
 
-Launched by `modules.sandbox_host.ForkServer` as ``python -I -S -c`` with this folder on ``sys.path``; standard
+Launched by `recipes.modules.code.host.ForkServer` as ``python -I -S -c`` with this folder on ``sys.path``; standard
 library only. Saves the ~25 ms interpreter launch and imports per job.
 """
 
@@ -8,16 +8,16 @@ import os
 import socket
 
 try:
-    import sandbox_harness  # run as a script by the sandbox: its folder is the first sys.path entry
+    import harness  # imported by the sandbox with this folder on sys.path (see `recipes.modules.code.launch`)
 except ModuleNotFoundError:  # imported as part of the package (docs, import checks)
-    from modules import sandbox_harness
+    from recipes.modules.code.sandbox import harness
 
 
 def serve(sock_fd):
     """Fork server (saves the ~25 ms interpreter launch per job): per request on the SOCK_SEQPACKET ``sock_fd``, whose
     ancillary data carries (spec, stdout, stderr) descriptors, fork an H in a new session and reply with its pid and a
     pidfd. Exits when the parent closes its end. Children stay zombies until the next request so pidfds are exact."""
-    sandbox_harness._libc_handle()  # import ctypes and load libc once, before any fork
+    harness._libc_handle()  # import ctypes and load libc once, before any fork
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:
@@ -34,7 +34,7 @@ def serve(sock_fd):
                 os.dup2(fd, target)
                 os.close(fd)
             try:
-                code = sandbox_harness.main()
+                code = harness.main()
             except BaseException as e:
                 os.write(2, f"sandbox harness: {type(e).__name__}: {e}\n".encode())
                 code = 70

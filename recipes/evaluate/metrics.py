@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from modules.generation import response_logprobs
+from recipes.modules.generation import response_logprobs
 
 
 class WinTieLoss(NamedTuple):
@@ -119,7 +119,7 @@ def sequence_kl(policy: nn.Module, reference: nn.Module, input_ids: Tensor, atte
                 prompt_length: int, response_mask: Tensor) -> Tensor:
     """Monte-Carlo KL(policy || reference) per sampled response: ``sum_t log pi(y_t|.) - log pi_ref(y_t|.)`` over the
     response tokens, an unbiased estimate of the sequence-level KL when the responses were sampled from ``policy``
-    (the ``k1`` estimator of `modules.rl_utils.kl_estimate`, summed over tokens).
+    (the ``k1`` estimator of `recipes.modules.rl_utils.kl_estimate`, summed over tokens).
 
     Args:
         policy, reference: causal LMs reading the same token ids.

@@ -11,7 +11,12 @@ import logging
 import os
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    AutoTokenizer,
+    LlamaTokenizer,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The programmatic reward protocol: texts in, one score per response out.
 
 PPO (step 3 of a rollout), DPO-Iter (pair labelling) and the study's gold reward all call rewards through this
-protocol; a reward model wrapped by `modules.reward` satisfies it too.
+protocol; a reward model wrapped by `recipes.modules.reward` satisfies it too.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class SequenceClassifierReward:
     def _load(self) -> None:
         from transformers import AutoModelForSequenceClassification
 
-        from datamodules.tokenizer import load_tokenizer
+        from recipes.modules.tokenizer import load_tokenizer
 
         try:
             self.tokenizer = load_tokenizer(self.tokenizer_path or self.path)
@@ -122,18 +122,18 @@ class SequenceClassifierReward:
     @property
     def is_sharded(self) -> bool:
         """Whether `shard` split the loaded reward model over the ranks."""
-        from modules.distributed import is_sharded
+        from recipes.modules.sharding import is_sharded
 
         return self.model is not None and is_sharded(self.model)
 
     def shard(self, device_mesh: Any) -> SequenceClassifierReward:
         """Load the reward model and shard it with FSDP2 over ``device_mesh`` (each decoder layer a unit, the head
-        another: `modules.distributed.fsdp2_shard_scalar`). Each forward then all-gathers one layer at a time, so
+        another: `recipes.modules.sharding.fsdp2_shard_scalar`). Each forward then all-gathers one layer at a time, so
         every rank must score the same number of rows per call (PPO's per-rank rollouts are equal). No-op when
         ``sharded`` is False or there is no mesh."""
         if not self.sharded or device_mesh is None or self.is_sharded:
             return self
-        from modules.distributed import fsdp2_shard_scalar
+        from recipes.modules.sharding import fsdp2_shard_scalar
 
         if self.model is None:
             self._load()
@@ -144,7 +144,7 @@ class SequenceClassifierReward:
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
         """Score ``prompt + response`` texts with the reward model, re-tokenized with its own tokenizer."""
-        from modules.scalar_models import sequence_scores
+        from recipes.modules.scalar_models import sequence_scores
 
         if self.model is None:
             self._load()
@@ -164,7 +164,7 @@ class SequenceClassifierReward:
                 input_ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
             scores.append(sequence_scores(self.model, input_ids.to(self.device), mask.to(self.device)).float().cpu())
         if self.is_sharded:  # FSDP2 keeps a root unit's weights gathered after a forward with no backward
-            from modules.distributed import reshard
+            from recipes.modules.sharding import reshard
 
             reshard(self.model)
         return torch.cat(scores)

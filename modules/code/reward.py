@@ -1,6 +1,6 @@
 """Unit-test reward for code (Xu et al. 2024, Sec. 6: 10 if the program passes every test, else 0).
 
-Satisfies `modules.rewards.RewardFunction`; PPO calls it in its rollout, DPO-Iter uses it to label pairs.
+Satisfies `recipes.modules.reward_functions.RewardFunction`; PPO calls it in its rollout, DPO-Iter uses it to label pairs.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from modules.code_eval import CodeProblem, Verdict, evaluate_completions
-from modules.execution import SandboxConfig
+from recipes.modules.code.execution import SandboxConfig
+from recipes.modules.code.problems import CodeProblem, Verdict, evaluate_completions
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -44,7 +44,7 @@ class UnitTestReward:
         config: sandbox limits; ``None``: `SandboxConfig` defaults.
         n_workers: parallel sandboxes (default: CPU count).
 
-    After a call, ``last_verdicts`` holds each response's `modules.code_eval.Verdict` (status, tests passed), for
+    After a call, ``last_verdicts`` holds each response's `recipes.modules.code.problems.Verdict` (status, tests passed), for
     logging and tests.
     """
 
@@ -70,7 +70,7 @@ class UnitTestReward:
                 problems.append(CodeProblem.from_metadata(row))
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"UnitTestReward: metadata row {i} is not a code problem ({e}); build it with "
-                                 "CodeProblem.to_metadata() or datamodules.code") from e
+                                 "CodeProblem.to_metadata() or recipes.datamodules.code") from e
         codes = [extract_code(r) if self.extract_fenced else r for r in responses]
         verdicts = evaluate_completions(problems, codes, self.config, self.n_workers, self.progress)
         self.last_verdicts = verdicts

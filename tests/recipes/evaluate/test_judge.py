@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from modules.evaluation import WinTieLoss
-from modules.judge import ChatJudge, JudgeUnreachableError
+from recipes.evaluate.judge import ChatJudge, JudgeUnreachableError
+from recipes.evaluate.metrics import WinTieLoss
 
 TEMPLATE = "Question: {prompt}\n<A>{response_a}</A>\n<B>{response_b}</B>"
 

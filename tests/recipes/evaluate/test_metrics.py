@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from modules.evaluation import (
+from recipes.evaluate.metrics import (
     WinTieLoss,
     both_orders_outcome,
     count_outcomes,
