@@ -145,7 +145,7 @@ def pass_compare(n_pairs: int, batch: int, repeats: int) -> dict:
             sequence_logprobs(*completion_logprobs(policy, b["input_ids"], b["attention_mask"], b["completion_mask"]))
 
     def ours_pass() -> None:
-        module.reference_logps = {}
+        module.reference.tables = {}
         module.precompute_reference(data)
 
     times: dict[str, list[float]] = {"floor_pass_s": [], "ours_pass_s": []}
@@ -185,14 +185,17 @@ def lightning_run(mode: str, n_pairs: int, batch: int, cache_dir: str | None = N
     data.train_set, data.val_set = make_pairs(n_pairs), []
     module = DPOModule(model=ModelSpec(config=dict(BENCH_LLAMA)), loss=DPOLoss(beta=0.1), reference_mode=mode,
                        cache_reference=cache_dir is not None, reference_cache_dir=cache_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0))
-    timer, precompute, pass_s = Timer(), module.precompute_reference, []
+    timer, pass_s = Timer(), []
+    precompute = getattr(module.reference, "compute", None)  # a PrecomputedTable's pass (None: frozen copy)
 
     def timed_precompute(*args, **kwargs):  # the one-off reference pass (a cache read when warm)
         t0 = time.perf_counter()
-        precompute(*args, **kwargs)
+        tables = precompute(*args, **kwargs)
         pass_s.append(time.perf_counter() - t0)
+        return tables
 
-    module.precompute_reference = timed_precompute
+    if precompute is not None:
+        module.reference.compute = timed_precompute
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                         limit_val_batches=0, num_sanity_val_steps=0)

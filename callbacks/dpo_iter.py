@@ -7,17 +7,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from typing_extensions import override
 
-from recipes.modules.adapters import (
-    adapter_pairs,
-    ensure_adapter,
-    plan_adapter,
-    readd_adapter_before_load,
-)
-from recipes.modules.models import is_peft
-from recipes.modules.sharding import copy_local, reshard
+from recipes.modules.adapters import plan_adapter, readd_adapter_before_load
+from recipes.modules.reference import AdapterReference, Reference
 
 
 class DPOIterRound(Callback):
@@ -25,21 +18,23 @@ class DPOIterRound(Callback):
     reference is reset to the current policy, and it stays fixed during the round.
 
     The round's pairs come from `recipes.datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks for
-    a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here); this callback owns the
-    reference of `recipes.modules.dpo.DPOModule` in each of its modes:
+    a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here). The reference is the
+    module's own (``pl_module.reference``, a `recipes.modules.reference.Reference`); this callback only calls its
+    ``reset_to(policy, datamodule)``, which in each mode of `recipes.modules.dpo.DPOModule` does:
 
-    - ``frozen_copy``: the policy's parameters and buffers are copied into ``pl_module.reference``.
-    - ``disabled_adapter`` (LoRA): the policy's adapter is copied into a frozen adapter ``adapter_name`` (added to the
-      policy once; no second base model) and ``pl_module.reference_adapter`` is set to it.
-    - ``precomputed`` (full fine-tuning only): the cached reference log-probs are dropped and recomputed for the
-      round's pairs with the current policy. With LoRA it is refused: that mode's reference is the base model.
+    - ``frozen_copy``: the policy's parameters and buffers are copied into the frozen copy.
+    - ``disabled_adapter`` (LoRA): first ``use_adapter(adapter_name)`` makes the reference a frozen adapter (planned
+      in ``setup``, so the policy has it from ``configure_model``; no second base model); the policy's adapter is
+      copied into it.
+    - ``precomputed`` (full fine-tuning only): the reference log-probs are recomputed for the round's pairs with
+      the current policy. With LoRA it is refused: that mode's reference is the base model.
     - a reference-free loss: nothing to reset.
 
     The round (``trainer.current_epoch``) of the last reset is the callback's state, so a run resumed inside a round
-    keeps that round's reference (restored from the checkpoint with the model) instead of resetting it to the
-    half-trained policy. After ``rounds`` rounds the trainer stops. Each round logs ``dpo_iter/round``,
-    ``dpo_iter/reward_mean`` (mean reward of the round's generations: the learning curve), ``dpo_iter/pairs`` and the
-    dropped counts ``dpo_iter/ties``, ``dpo_iter/below_margin``.
+    keeps that round's reference (restored from the checkpoint with the model; with LoRA the round adapter is read
+    again) instead of resetting it to the half-trained policy. After ``rounds`` rounds the trainer stops. Each round
+    logs ``dpo_iter/round``, ``dpo_iter/reward_mean`` (mean reward of the round's generations: the learning curve),
+    ``dpo_iter/pairs`` and the dropped counts ``dpo_iter/ties``, ``dpo_iter/below_margin``.
 
     Example::
 
@@ -71,8 +66,14 @@ class DPOIterRound(Callback):
                              "trainer.reload_dataloaders_every_n_epochs: 1 (it is "
                              f"{trainer.reload_dataloaders_every_n_epochs}).")
         plan_adapter(pl_module, self.adapter_name)  # a LoRA policy gets the reference adapter in configure_model
-        pl_module.register_load_state_dict_pre_hook(
-            readd_adapter_before_load(self.policy_attr, self.adapter_name))
+        pl_module.register_load_state_dict_pre_hook(readd_adapter_before_load(self.policy_attr, self.adapter_name))
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A run resumed after a reset measures against that round's reference again (LoRA: its restored adapter)."""
+        # Resumed inside a round, Lightning calls no on_train_epoch_start: the round adapter is named here instead.
+        if self.last_reset_round >= 0:
+            self.reference(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -98,29 +99,25 @@ class DPOIterRound(Callback):
     @torch.no_grad()
     def reset_reference(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Make ``pl_module``'s reference equal to its current policy (see the class docstring for each mode)."""
-        policy, mode = getattr(pl_module, self.policy_attr), getattr(pl_module, "mode", None)
+        reference = self.reference(pl_module)
+        if reference is not None:  # shard to shard under FSDP2 (Reference.reset_to reshards first)
+            try:
+                reference.reset_to(getattr(pl_module, self.policy_attr), trainer.datamodule)
+            except ValueError as error:  # a LoRA policy's precomputed reference
+                raise ValueError(f"DPOIterRound: {error}") from error
+
+    def reference(self, pl_module: L.LightningModule) -> Reference | None:
+        """The module's reference, reading the round adapter ``adapter_name`` with LoRA; None for a reference-free
+        loss (DPOModule's ``mode`` 'none')."""
         reference = getattr(pl_module, "reference", None)
-        if mode == "none":
-            return
-        if isinstance(reference, nn.Module):
-            reshard(pl_module)  # FSDP2: copy shard to shard (a root gathered after a forward holds plain tensors)
-            ref_params, ref_buffers = dict(reference.named_parameters()), dict(reference.named_buffers())
-            copy_local([(ref_params[name], param) for name, param in policy.named_parameters()])
-            copy_local([(ref_buffers[name], buffer) for name, buffer in policy.named_buffers()])
-        elif mode == "precomputed":
-            if is_peft(policy):
-                raise ValueError("DPOIterRound: reference_mode 'precomputed' with LoRA measures against the base model "
-                                 "(adapters disabled), not the round's policy; use reference_mode disabled_adapter.")
-            pl_module.reference_logps = {}
-            pl_module.precompute_reference(trainer.datamodule)
-        elif is_peft(policy):
-            ensure_adapter(policy, self.adapter_name)
-            reshard(policy)  # FSDP2: copy shard to shard, as above
-            copy_local(adapter_pairs(policy, self.adapter_name))
-            pl_module.reference_adapter = self.adapter_name
-        else:
-            raise TypeError(f"DPOIterRound: {type(pl_module).__name__} has no `reference` module, LoRA policy or "
-                            "precomputed reference to reset.")
+        if reference is None and getattr(pl_module, "mode", None) == "none":
+            return None
+        if not isinstance(reference, Reference):
+            raise TypeError(f"DPOIterRound: {type(pl_module).__name__} has no `reference` (a frozen copy, LoRA "
+                            "policy or precomputed reference: recipes.modules.reference.Reference) to reset.")
+        if isinstance(reference, AdapterReference):
+            reference.use_adapter(self.adapter_name)
+        return reference
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -5,19 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 from typing_extensions import override
 
-from recipes.modules.adapters import (
-    adapter_pairs,
-    ensure_adapter,
-    plan_adapter,
-    readd_adapter_before_load,
-)
-from recipes.modules.models import is_peft
-from recipes.modules.sharding import copy_local, local_pair, reshard
+from recipes.modules.adapters import plan_adapter, readd_adapter_before_load
+from recipes.modules.reference import AdapterReference, Reference
+from recipes.modules.sharding import local_pair
 
 
 class EMAReference(Callback):
@@ -27,22 +20,26 @@ class EMAReference(Callback):
     model); only the reference that the KL term (PPO) or the log-ratio (DPO, TR-DPO style) is measured against
     moves. ``eta = 0`` keeps the initial reference, ``eta = 1`` makes it the current policy.
 
-    - Full fine-tuning: the module's ``reference`` attribute, a frozen ``nn.Module`` with the policy's parameter
-      names, is updated in place (``torch.lerp``).
+    The module owns its reference, ``pl_module.reference`` (a `recipes.modules.reference.Reference`); the callback
+    drives it only through ``reference.lerp_(policy, eta)`` (and, with LoRA, ``use_adapter`` / ``reset_to``):
+
+    - Full fine-tuning: the reference is a `FrozenCopy` with the policy's parameter names, updated in place
+      (``torch.lerp``).
     - Sharded (FSDP2 / ``ModelParallelStrategy``, or DeepSpeed ZeRO-3): policy and reference are sharded alike, so
       each rank averages its local shards (``DTensor.to_local``, ``ds_tensor``) in place; nothing is gathered, and
       the reference stays sharded.
-    - LoRA: the reference is the shared base model plus its own adapter ``adapter_name``, added to the policy by the
-      module's ``configure_model`` (`recipes.modules.adapters.plan_adapter`: before sharding, so under FSDP2 it is sharded like
-      the policy's adapter) and initialized from the policy's adapter at the start of a fresh fit; the module's
-      ``reference_adapter`` is set to it so that it runs its reference through
-      ``recipes.modules.adapters.reference_context(policy, reference_adapter)``. Only the
+    - LoRA: the reference (an `AdapterReference`) is the shared base model plus its own adapter ``adapter_name``,
+      added to the policy by the module's ``configure_model`` (`recipes.modules.adapters.plan_adapter`: before
+      sharding, so under FSDP2 it is sharded like the policy's adapter) and initialized from the policy's adapter at
+      the start of a fresh fit; ``reference.use_adapter(adapter_name)`` makes the module's reference read it. Only the
       adapter factors are averaged (the reference is ``base + B_ema A_ema``, not the average of ``B A``), and no
       second base model exists.
+    - A precomputed reference (a table of log-probs) cannot be averaged: refused at the start of the fit.
 
     The step is ``trainer.global_step`` (optimizer steps; for ``PPOModule`` one per PPO iteration), and the update
-    runs once per new step even with gradient accumulation. The full-FT reference and the EMA adapter are in the
-    model's state dict, so a checkpoint holds them; the callback's own state is the last updated step.
+    runs once per new step even with gradient accumulation. The full-FT reference (``reference.*``) and the EMA
+    adapter are in the model's state dict, so a checkpoint holds them; the callback's own state is the last updated
+    step.
 
     Example::
 
@@ -67,7 +64,6 @@ class EMAReference(Callback):
         self.policy_attr, self.adapter_name = policy_attr, adapter_name
         self.last_updated_step = 0
         self._restored = False  # a checkpoint restored the callback (and the EMA adapter with the model's weights)
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def should_update(self, step: int) -> bool:
         """Whether to update the reference after the optimizer step that brought ``global_step`` to ``step``."""
@@ -78,28 +74,32 @@ class EMAReference(Callback):
         """Have the module create the LoRA EMA adapter in ``configure_model`` (next), and let a checkpoint that holds
         the adapter load into a policy that does not have it yet (loading outside a Trainer)."""
         plan_adapter(pl_module, self.adapter_name)
-        pl_module.register_load_state_dict_pre_hook(
-            readd_adapter_before_load(self.policy_attr, self.adapter_name, set_reference=False))
+        pl_module.register_load_state_dict_pre_hook(readd_adapter_before_load(self.policy_attr, self.adapter_name))
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Pair up reference and policy parameters; a fresh LoRA EMA adapter starts equal to the policy's adapter."""
-        policy = getattr(pl_module, self.policy_attr)
-        if is_peft(policy):
-            ensure_adapter(policy, self.adapter_name)
-            self._pairs = adapter_pairs(policy, self.adapter_name)
+        """Check the reference can be averaged; with LoRA read the EMA adapter (a fresh fit: the policy's adapter)."""
+        reference, policy = self.reference(pl_module), getattr(pl_module, self.policy_attr)
+        if isinstance(reference, AdapterReference):
+            reference.use_adapter(self.adapter_name)
             if not self._restored:  # a restored EMA adapter keeps its checkpointed values
-                copy_local(self._pairs)
-            pl_module.reference_adapter = self.adapter_name
-        else:
-            reference = getattr(pl_module, "reference", None)
-            if not isinstance(reference, nn.Module):
-                raise TypeError(f"EMAReference: {type(pl_module).__name__} has neither a LoRA policy nor a "
-                                "`reference` module to average into.")
-            ref_params = dict(reference.named_parameters())
-            self._pairs = [(ref_params[name], p) for name, p in policy.named_parameters()]
-        for index, (ref, param) in enumerate(self._pairs):
+                reference.reset_to(policy)
+        try:
+            pairs = reference.parameter_pairs(policy)
+        except TypeError as error:
+            raise TypeError(f"EMAReference: the reference of {type(pl_module).__name__} cannot be averaged: "
+                            f"{error}") from error
+        for index, (ref, param) in enumerate(pairs):
             local_pair(index, ref, param)  # fail at the start, not after the first step, on mismatched sharding
+
+    @staticmethod
+    def reference(pl_module: L.LightningModule) -> Reference:
+        """The module's reference (`recipes.modules.reference.Reference`), which this callback moves."""
+        reference = getattr(pl_module, "reference", None)
+        if not isinstance(reference, Reference):
+            raise TypeError(f"EMAReference: {type(pl_module).__name__} has no `reference` to average into (a "
+                            f"recipes.modules.reference.Reference; got {type(reference).__name__}).")
+        return reference
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -110,11 +110,8 @@ class EMAReference(Callback):
         step = trainer.global_step
         if step == self.last_updated_step or not self.should_update(step):
             return
-        reshard(pl_module)  # FSDP2: a root kept gathered after its forward would not see the updated shards
-        with torch.no_grad():
-            # FSDP2 may re-point a DTensor's local storage at lazy init, so the shards are looked up at each update
-            pairs = [local_pair(i, r, p) for i, (r, p) in enumerate(self._pairs)]
-            torch._foreach_lerp_([r for r, _ in pairs], [p.detach().to(r.dtype) for r, p in pairs], self.eta)
+        # shard-local and in place; FSDP2 roots are resharded first (Reference.lerp_)
+        self.reference(pl_module).lerp_(getattr(pl_module, self.policy_attr), self.eta)
         self.last_updated_step = step
 
     @override

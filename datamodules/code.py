@@ -132,9 +132,7 @@ def load_problems(source: str, format: Format = "auto", split: str = "train") ->
     ``builtin:code_synthesis`` is the toy task of `recipes.datamodules.code_synthesis` (no file, no download).
     """
     if source == BUILTIN_CODE_SYNTHESIS:
-        from recipes.datamodules.code_synthesis import (
-            synthesis_problems,  # lazy: it pulls in the SFT data module
-        )
+        from recipes.datamodules.code_synthesis import synthesis_problems  # lazy: it pulls in the SFT data module
 
         return synthesis_problems()
     rows = load_records(source, split)

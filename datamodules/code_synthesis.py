@@ -1,9 +1,10 @@
 """A toy program-synthesis task for CPU runs: "Write a Python expression equal to N.", judged by running the answer.
 
 A response is the body of ``def answer(): return <response>``; the sandbox calls ``answer()`` and the parent compares
-the returned value with N (`recipes.modules.code.problems`, call mode), so `recipes.modules.code.reward.UnitTestReward` scores it exactly
-like an APPS call-based problem. ``builtin:code_synthesis`` is the problem set (for `recipes.code_eval` and for PPO
-prompts through ``PromptDataModule(source_format="code")``); ``builtin:code_sft`` holds imperfect demonstrations.
+the returned value with N (`recipes.modules.code.problems`, call mode), so `recipes.modules.code.reward.UnitTestReward`
+scores it exactly like an APPS call-based problem. ``builtin:code_synthesis`` is the problem set (for
+`recipes.code_eval` and for PPO prompts through ``PromptDataModule(source_format="code")``); ``builtin:code_sft`` holds
+imperfect demonstrations.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ def code_sft_rows(n: int = 4000, seed: int = 0, n_targets: int = N_TARGETS,
 
 def resolve_code_builtin(source: str) -> str:
     """Map ``builtin:code_sft`` to a JSONL file written once under the cache folder (as
-    `recipes.datamodules.builtin.resolve_builtin` does for its sets); other sources pass through. (``builtin:code_synthesis``
+    `recipes.datamodules.builtin.resolve_builtin` does for its sets); other sources pass through.
+    (``builtin:code_synthesis``
     needs no file: `recipes.datamodules.code.load_problems` builds it.)"""
     if source != BUILTIN_SFT:
         return source

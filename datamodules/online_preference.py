@@ -14,11 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recipes.datamodules.collate import (
-    PreferenceExample,
-    collate_preference,
-    pad_prompts,
-)
+from recipes.datamodules.collate import PreferenceExample, collate_preference, pad_prompts
 from recipes.datamodules.formats import PromptFormat
 from recipes.datamodules.prompts import BUILTIN_PROMPTS, PromptDataModule, PromptSource
 from recipes.datamodules.resumable import ResumableLoaderMixin
@@ -75,9 +71,11 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     epoch, and each call builds round ``trainer.current_epoch``:
 
     1. pick ``prompts_per_round`` prompts (a seeded shuffle of round ``r``: ``random.Random(seed + r)``);
-    2. sample ``k`` responses to each with the module's policy (eval mode, KV cache, `recipes.modules.generation.sample`)
+    2. sample ``k`` responses to each with the module's policy (eval mode, KV cache,
+    `recipes.modules.generation.sample`)
        from a generator whose state is checkpointed;
-    3. score them with ``reward`` (any `recipes.modules.reward_functions.RewardFunction`: a reward-model folder, a programmatic reward,
+    3. score them with ``reward`` (any `recipes.modules.reward_functions.RewardFunction`: a reward-model folder, a
+    programmatic reward,
        unit tests), and log the mean (``history[-1]["reward_mean"]``, the learning curve);
     4. form pairs (`form_pairs`); equal rewards carry no preference and are dropped and counted.
 

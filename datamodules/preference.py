@@ -1,7 +1,7 @@
 """PreferenceDataModule: (prompt, chosen, rejected) pairs from HH-RLHF, PKU-SafeRLHF or generic JSONL/Parquet files.
 
-One code path for every source: a format adapter (`recipes.datamodules.preference_sources`) turns each record into texts,
-which are tokenized once, truncated to the budget with counts, and batched as one concatenated ``(2B, T)`` batch
+One code path for every source: a format adapter (`recipes.datamodules.preference_sources`) turns each record into
+texts, which are tokenized once, truncated to the budget with counts, and batched as one concatenated ``(2B, T)`` batch
 (chosen rows first, then rejected) for a single forward pass.
 """
 
@@ -17,20 +17,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from recipes.datamodules.builtin import resolve_builtin
-from recipes.datamodules.collate import (
-    PreferenceExample,
-    collate_preference,
-    pad_prompt_response,
-    truncate_pair,
-)
+from recipes.datamodules.collate import PreferenceExample, collate_preference, pad_prompt_response, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import (
-    DataFormatError,
-    DropCounter,
-    EmptyFieldError,
-    load_records,
-    require_text,
-)
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from recipes.datamodules.preference_sources import (
     PreferenceFormat,
     PreferenceText,
@@ -38,14 +27,14 @@ from recipes.datamodules.preference_sources import (
     read_margin,
     to_preference,
 )
-from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.datamodules.sampler import holdout_split
 from recipes.modules.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
+class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Pairwise preference data for DPO and reward models.
 
     Args:
@@ -211,12 +200,6 @@ class PreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
         return collate_preference(examples, self.tokenizer.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.train_set, self.collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.val_set, self.collate)
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.batch_size, shuffle=False,

@@ -11,12 +11,7 @@ from typing import Any, Literal, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
-from recipes.datamodules.formats import (
-    HUMAN,
-    PromptFormat,
-    format_prompt,
-    split_hh_dialogue,
-)
+from recipes.datamodules.formats import HUMAN, PromptFormat, format_prompt, split_hh_dialogue
 from recipes.datamodules.io import DataFormatError, EmptyFieldError, require_text
 
 PreferenceFormat = Literal["hh", "saferlhf", "generic"]

@@ -15,20 +15,8 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import resolve_builtin
 from recipes.datamodules.code import code_prompt_records
 from recipes.datamodules.collate import pad_prompts
-from recipes.datamodules.formats import (
-    HUMAN,
-    PromptFormat,
-    alpaca_prompt,
-    format_prompt,
-    split_hh_dialogue,
-)
-from recipes.datamodules.io import (
-    DataFormatError,
-    DropCounter,
-    EmptyFieldError,
-    load_records,
-    require_text,
-)
+from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from recipes.datamodules.resumable import ResumableLoaderMixin
 from recipes.modules.tokenizer import load_tokenizer
 

@@ -22,19 +22,9 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import BUILTIN_PREFIX, resolve_builtin
 from recipes.datamodules.collate import RankingExample, collate_ranking, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import (
-    DataFormatError,
-    DropCounter,
-    EmptyFieldError,
-    load_records,
-    require_text,
-)
-from recipes.datamodules.preference_sources import (
-    PromptMismatchError,
-    generic_pair,
-    hh_pair,
-)
-from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from recipes.datamodules.preference_sources import PromptMismatchError, generic_pair, hh_pair
+from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.datamodules.sampler import holdout_split
 from recipes.modules.cache import cache_dir
 from recipes.modules.tokenizer import load_tokenizer
@@ -135,7 +125,7 @@ def sort_and_dedupe(text: RankingText, counter: DropCounter) -> RankingText | No
     return RankingText(text.prompt, responses, scores)
 
 
-class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
+class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Ranked responses per prompt for RRHF and PRO.
 
     Args:
@@ -241,12 +231,6 @@ class RankingDataModule(ResumableLoaderMixin, L.LightningDataModule):
 
     def collate(self, examples: Sequence[RankingExample]) -> dict[str, torch.Tensor]:
         return collate_ranking(examples, self.tokenizer.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.train_set, self.collate)
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.val_set, self.collate)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""

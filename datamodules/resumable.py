@@ -18,8 +18,8 @@ class ResumableLoaderMixin:
 
     ``resumable_loader(dataset, collate)`` builds the shuffled, rank-sharded training loader; the module's
     ``state_dict`` records how many micro-batches of the current epoch were consumed, and after a restore the next
-    loader skips exactly those samples (`recipes.datamodules.sampler.ResumableSampler`). Batch size, seed and workers default
-    to the module's ``batch_size``, ``seed`` and ``num_workers`` attributes.
+    loader skips exactly those samples (`recipes.datamodules.sampler.ResumableSampler`). Batch size, seed and workers
+    default to the module's ``batch_size``, ``seed`` and ``num_workers`` attributes.
     """
 
     _consumed: int = 0  # training micro-batches consumed in the current epoch
@@ -58,3 +58,14 @@ class ResumableLoaderMixin:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_skip = int(state_dict.get("consumed_batches", 0))
+
+
+class SplitLoadersMixin(ResumableLoaderMixin):
+    """`ResumableLoaderMixin` plus the loaders of a module with a ``train_set`` and a ``val_set`` of examples and a
+    ``collate(examples)`` method: the resumable training loader and the in-order validation loader."""
+
+    def train_dataloader(self) -> DataLoader:
+        return self.resumable_loader(self.train_set, self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.eval_loader(self.val_set, self.collate)

@@ -15,27 +15,11 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from recipes.datamodules.builtin import resolve_builtin
-from recipes.datamodules.collate import (
-    TokenizedExample,
-    pad_prompt_response,
-    truncate_pair,
-)
-from recipes.datamodules.formats import (
-    HUMAN,
-    PromptFormat,
-    alpaca_prompt,
-    format_prompt,
-    split_hh_dialogue,
-)
-from recipes.datamodules.io import (
-    DataFormatError,
-    DropCounter,
-    EmptyFieldError,
-    load_records,
-    require_text,
-)
+from recipes.datamodules.collate import CausalLMBatch, TokenizedExample, pad_prompt_response, truncate_pair
+from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from recipes.datamodules.preference_sources import saferlhf_safe_responses
-from recipes.datamodules.resumable import ResumableLoaderMixin
+from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.datamodules.sampler import holdout_split
 from recipes.modules.tokenizer import load_tokenizer
 
@@ -72,7 +56,7 @@ def to_prompt_response(record: dict[str, Any], source_format: SourceFormat, prom
     raise ValueError(f"Unknown source_format {source_format!r}")
 
 
-class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
+class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
     """Supervised fine-tuning data with response-only loss.
 
     Args:
@@ -176,14 +160,8 @@ class SFTDataModule(ResumableLoaderMixin, L.LightningDataModule):
         log.info("SFT data: %d train / %d validation examples", len(self.train_set), len(self.val_set))
 
     # --- loaders ----------------------------------------------------------------------------------------------
-    def _collate(self):
-        return partial(pad_prompt_response, pad_token_id=self.tokenizer.pad_token_id)
-
-    def train_dataloader(self) -> DataLoader:
-        return self.resumable_loader(self.train_set, self._collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return self.eval_loader(self.val_set, self._collate())
+    def collate(self, examples: list[TokenizedExample]) -> CausalLMBatch:
+        return pad_prompt_response(examples, self.tokenizer.pad_token_id)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""

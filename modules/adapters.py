@@ -14,9 +14,9 @@ def reference_context(model: nn.Module, adapter: str | None = None) -> Iterator[
     """Run a peft (LoRA) ``model`` as its own reference, with no second copy of the base weights.
 
     ``adapter=None``: all adapters disabled (the reference is the base model). A name: that adapter is made the
-    active one for the duration (e.g. the EMA reference adapter kept by `recipes.callbacks.ema_reference.EMAReference`), then
-    the previously active adapter is restored, trainable again. Raises ``TypeError`` for a model without adapters:
-    such a model needs an explicit frozen reference copy.
+    active one for the duration (e.g. the EMA reference adapter of `recipes.callbacks.ema_reference.EMAReference`),
+    then the previously active adapter is restored, trainable again (`recipes.modules.reference.AdapterReference`).
+    Raises ``TypeError`` for a model without adapters: such a model needs an explicit frozen reference copy.
     """
     if not hasattr(model, "disable_adapter"):
         raise TypeError("reference_context needs a peft (LoRA) model; use a frozen reference copy otherwise.")
@@ -80,16 +80,15 @@ def adapter_pairs(policy: nn.Module, name: str) -> list[tuple[Tensor, Tensor]]:
             if f".{active}." in param_name]
 
 
-def readd_adapter_before_load(policy_attr: str, name: str, set_reference: bool = True):
+def readd_adapter_before_load(policy_attr: str, name: str):
     """A ``register_load_state_dict_pre_hook`` hook: when a checkpoint holds adapter ``name`` that the module's
-    policy does not have yet (a fresh process resuming), add it first so the weights load into it."""
+    policy does not have yet (a module built before the callback planned it, as `recipes.export` builds one), add
+    it first so the weights load into it. Which adapter the reference reads is the callback's business."""
 
     def hook(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
         policy = getattr(module, policy_attr, None)
         if (policy is not None and hasattr(policy, "peft_config") and name not in policy.peft_config
                 and any(f".{name}." in key for key in state_dict)):
             add_frozen_adapter(policy, name)
-            if set_reference:
-                module.reference_adapter = name
 
     return hook

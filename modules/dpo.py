@@ -3,40 +3,23 @@ precomputed reference, with chosen and rejected responses in one concatenated fo
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import logging
-import os
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from recipes.modules.adapters import add_planned_adapters, reference_context
+from recipes.modules.adapters import add_planned_adapters
 from recipes.modules.base import AlignmentModule
-from recipes.modules.distributed import per_rank_state
 from recipes.modules.losses import DPOLoss
 from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
 from recipes.modules.optim import adamw
-from recipes.modules.policy import (
-    completion_logprobs,
-    masked_completion_logps,
-    sequence_logprobs,
-)
-from recipes.modules.sharding import (
-    fsdp2_param_dtype,
-    fsdp2_shard,
-    is_partitioned,
-    local_part,
-    reshard,
-)
-
-log = logging.getLogger(__name__)
+from recipes.modules.policy import completion_logprobs, sequence_logprobs
+from recipes.modules.reference import AdapterReference, FrozenCopy, PrecomputedTable, Reference
+from recipes.modules.reference_pass import ReferencePass, model_fingerprint, precompute_tables
+from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_partitioned
 
 ReferenceMode = Literal["auto", "frozen_copy", "disabled_adapter", "precomputed"]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -48,21 +31,22 @@ class DPOModule(AlignmentModule):
 
     The loss (``DPOLoss`` by default; ``IPOLoss``, ``HingeLoss`` or any module with the same signature, by
     ``class_path``) sees summed completion log-probs of the chosen and rejected responses under the policy and the
-    reference. Reference modes (``reference_mode``):
+    reference. The module owns the reference, ``self.reference``, a `recipes.modules.reference.Reference` chosen by
+    ``reference_mode`` (callbacks such as `recipes.callbacks.ema_reference.EMAReference` move it only through its
+    ``reset_to`` / ``lerp_`` / ``use_adapter``):
 
-    - ``frozen_copy``: a frozen copy of the starting policy, held as ``self.reference`` (full fine-tuning).
-    - ``disabled_adapter``: the LoRA policy with its adapter disabled, no second copy of the weights
-      (``reference_context(self.policy, self.reference_adapter)``; ``reference_adapter`` names an adapter to use
-      instead, as `recipes.callbacks.ema_reference.EMAReference` does).
-    - ``precomputed``: one pass over the train and validation pairs with the starting policy (adapter disabled)
-      before the first step; then only the policy is held. The table is cached on disk, keyed by a fingerprint of
-      the model weights and of the tokenized data, and saved in checkpoints so a resumed run reuses it. With several
-      processes each rank computes a strided shard and the shards are all-gathered (every rank must run the pass,
-      because FSDP forwards are collective); rank 0 reads and writes the cache file and broadcasts what it read.
+    - ``frozen_copy``: a `FrozenCopy` of the starting policy (full fine-tuning), checkpointed as ``reference.*``.
+    - ``disabled_adapter``: an `AdapterReference`, the LoRA policy with its adapters disabled (or with a named
+      reference adapter active), no second copy of the weights.
+    - ``precomputed``: a `PrecomputedTable`, one pass over the train and validation pairs with the starting policy
+      (adapter disabled) at the first step; then only the policy is held. The table is cached on disk, keyed by a
+      fingerprint of the model weights and of the tokenized data, and saved in checkpoints so a resumed run reuses
+      it. With several processes each rank computes a strided shard and the shards are all-gathered (every rank must
+      run the pass, because FSDP forwards are collective); rank 0 reads and writes the cache file and broadcasts
+      what it read (`recipes.modules.reference_pass`).
     - ``auto``: ``disabled_adapter`` with LoRA, else ``frozen_copy``.
 
-    A loss with ``reference_free: true`` uses no reference at all. Anything that sets ``self.reference`` to a frozen
-    module (e.g. an EMA reference callback) overrides the mode.
+    A loss with ``reference_free: true`` uses no reference at all (``self.reference`` stays None).
 
     Args:
         model: the policy to build (`recipes.modules.models.ModelSpec`), built in ``configure_model``.
@@ -78,7 +62,8 @@ class DPOModule(AlignmentModule):
             kept, so a GPU can take more); default the data's batch size (larger was slower on a 2-core CPU).
     """
 
-    policy: nn.Module | None  # built in configure_model; the frozen copy, if any, is self.reference
+    policy: nn.Module | None  # built in configure_model
+    reference: Reference | None  # the table from __init__, a frozen copy or the LoRA policy from configure_model
 
     def __init__(
         self,
@@ -96,10 +81,8 @@ class DPOModule(AlignmentModule):
     ) -> None:
         super().__init__(model, tokenizer, optimizer, scheduler, max_length)
         self.loss = loss if loss is not None else DPOLoss(beta=0.1)
-        self.reference: nn.Module | None = None
-        self.reference_adapter: str | None = None
-        self.reference_logps: dict[str, Tensor] = {}  # precomputed: split -> (N, 2) [chosen, rejected], on CPU
-        self._masked = True  # the reference pass computes logits only at completion positions (see below)
+        precomputed = self.mode == "precomputed"  # the other references need the policy: built in configure_model
+        self.reference = PrecomputedTable(self._compute_table, self._table_source) if precomputed else None
         self.val_loss = MeanMetric()
         self.val_metrics = nn.ModuleDict({name.replace("/", "_"): MeanMetric() for name in METRICS})
 
@@ -123,17 +106,10 @@ class DPOModule(AlignmentModule):
         return sequence_logprobs(logprobs, mask, average=self.hparams.average_logprobs)  # (2B,)
 
     def reference_forward(self, batch: dict[str, Tensor], split: str = "train") -> Tensor | None:
-        """Reference log-probs of every row of the batch (2B,), from the mode in effect; None if reference-free."""
-        if self.mode == "none":
+        """Reference log-probs of every row of the batch (2B,), whatever the reference is; None if reference-free."""
+        if self.reference is None:
             return None
-        if self.reference is not None:
-            with torch.no_grad():
-                return self._logps(self.reference, batch)
-        if self.mode == "precomputed" and self.reference_adapter is None:
-            table = self._reference_table(split)[batch["index"].cpu()]  # (B, 2)
-            return table.T.reshape(-1).to(self.device)  # chosen rows first, as in the batch
-        with torch.no_grad(), reference_context(self.policy, self.reference_adapter):
-            return self._logps(self.policy, batch)
+        return self.reference.logprobs(lambda model: self._logps(model, batch), batch["index"], split)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor]]:
         logps = self(batch)  # (2B,)
@@ -160,7 +136,7 @@ class DPOModule(AlignmentModule):
     def train(self, mode: bool = True) -> DPOModule:
         """Lightning switches the whole module to train mode; the frozen reference stays in eval (no dropout)."""
         super().train(mode)
-        if self.reference is not None:
+        if isinstance(self.reference, nn.Module):
             self.reference.eval()
         return self
 
@@ -176,112 +152,40 @@ class DPOModule(AlignmentModule):
         return {"loss": (self.val_loss, True), **metrics}
 
     # --- the precomputed reference ----------------------------------------------------------------------------
-    def _reference_table(self, split: str) -> Tensor:
-        if split not in self.reference_logps:
-            trainer = self._trainer
-            if trainer is not None and trainer.global_step > 0:
-                raise RuntimeError("reference_mode 'precomputed': the reference log-probs are missing after "
-                                   f"{trainer.global_step} steps (a checkpoint from another mode?); the policy is no "
-                                   "longer the reference, so they cannot be recomputed. Start from the initial model.")
-            self.precompute_reference()
-        return self.reference_logps[split]
-
-    @torch.no_grad()
     def precompute_reference(self, datamodule: Any = None) -> None:
-        """Fill ``self.reference_logps`` for the ``train_set`` and ``val_set`` of ``datamodule`` (default: the
-        trainer's; a `recipes.datamodules.preference.PreferenceDataModule`), from the cache when it holds them."""
+        """Fill the precomputed reference's table for the ``train_set`` and ``val_set`` of ``datamodule`` (default:
+        the trainer's; a `recipes.datamodules.preference.PreferenceDataModule`), from the cache when it holds them."""
+        if not isinstance(self.reference, PrecomputedTable):
+            raise TypeError(f"precompute_reference: the reference mode is '{self.mode}', not 'precomputed'.")
         dm = datamodule if datamodule is not None else getattr(self._trainer, "datamodule", None)
-        if dm is None or not hasattr(dm, "train_set"):
-            raise RuntimeError("reference_mode 'precomputed' needs a data module with train_set, val_set, collate "
-                               "and batch_size (recipes.datamodules.preference.PreferenceDataModule).")
-        from recipes.modules.cache import fingerprint
+        self.reference.tables.update(self._compute_table(self.policy, dm))
 
-        was_training = self.policy.training
-        self.policy.eval()  # no dropout in the reference pass
-        try:
-            for split, examples in (("train", dm.train_set), ("val", dm.val_set)):
-                if examples:
-                    key = f"{self._model_fingerprint()}-{fingerprint(examples)}"
-                    self.reference_logps[split] = self._load_or_compute(key, examples, dm.collate, dm.batch_size)
-        finally:
-            self.policy.train(was_training)
+    def _compute_table(self, policy: nn.Module, data: Any) -> dict[str, Tensor]:
+        hp = self.hparams  # read at each pass: a caller may change the cache folder after construction
+        settings = ReferencePass(hp.average_logprobs, hp.reference_batch_size, hp.cache_reference,
+                                 hp.reference_cache_dir)
+        return precompute_tables(policy, data, settings, self._trainer, self.device)
 
-    def _load_or_compute(self, key: str, examples: list, collate: Any, batch_size: int) -> Tensor:
+    def _table_source(self) -> tuple[nn.Module, Any]:
+        """The policy and data of the first table: only while the policy is still the starting one."""
         trainer = self._trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        path = None
-        if self.hparams.cache_reference:
-            from recipes.modules.cache import cache_dir
-
-            folder = self.hparams.reference_cache_dir or str(cache_dir() / "reference_logps")
-            path = os.path.join(folder, f"ref_logps-{key}.pt")
-        table = torch.load(path) if rank == 0 and path and os.path.exists(path) else None
-        if world > 1:
-            table = trainer.strategy.broadcast(table, src=0)
-        if table is not None:
-            log.info("Reference log-probs for %d pairs read from %s", len(examples), path)
-            return table
-        per_rank = -(-len(examples) // world)
-        shard = list(range(rank, len(examples), world))
-        shard += shard[-1:] * (per_rank - len(shard)) if shard else [0] * per_rank  # equal forwards on every rank
-        # Longest pairs first, so each batch pads little (and an out-of-memory error comes at once).
-        shard.sort(key=lambda i: -len(examples[i]["prompt_ids"]) - max(len(examples[i]["chosen_ids"]),
-                                                                           len(examples[i]["rejected_ids"])))
-        size = self.hparams.reference_batch_size or batch_size
-        values = []
-        quiet = rank != 0 or (trainer is not None and trainer.progress_bar_callback is None)
-        for start in tqdm(range(0, len(shard), size), desc=f"Reference log-probs ({len(examples)} pairs)",
-                          disable=quiet, leave=False):
-            batch = collate([examples[i] for i in shard[start:start + size]])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            with reference_context(self.policy) if is_peft(self.policy) else contextlib.nullcontext():
-                logps = self._reference_pass_logps(batch)  # (2b,)
-            values.append(logps.view(2, -1).T.float())  # (b, 2)
-        local, index = torch.cat(values), torch.tensor(shard, device=self.device)
-        if world > 1:
-            local, index = self.all_gather(local).reshape(-1, 2), self.all_gather(index).reshape(-1)
-        table = torch.empty(len(examples), 2)
-        table[index.cpu()] = local.cpu()
-        if rank == 0 and path:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(table, path + f".tmp{os.getpid()}")
-            os.replace(path + f".tmp{os.getpid()}", path)
-        log.info("Reference log-probs computed for %d pairs (%d per rank)%s", len(examples), per_rank,
-                 f", cached at {path}" if path and rank == 0 else "")
-        return table
-
-    def _reference_pass_logps(self, batch: dict[str, Tensor]) -> Tensor:
-        """``_logps`` (2B,) with the LM head only where a completion token is predicted; the plain forward for a model
-        that takes no boolean ``logits_to_keep`` (found on the first batch, remembered)."""
-        logps = masked_completion_logps(self.policy, batch, self.hparams.average_logprobs) if self._masked else None
-        self._masked = logps is not None
-        return logps if logps is not None else self._logps(self.policy, batch)
+        if trainer is not None and trainer.global_step > 0:
+            raise RuntimeError("reference_mode 'precomputed': the reference log-probs are missing after "
+                               f"{trainer.global_step} steps (a checkpoint from another mode?); the policy is no "
+                               "longer the reference, so they cannot be recomputed. Start from the initial model.")
+        return self.policy, getattr(trainer, "datamodule", None)
 
     def _model_fingerprint(self) -> str:
-        """Hash of the reference weights (a strided sample of each base tensor) and of what changes the values.
-
-        Each rank hashes the part of each weight it holds (`recipes.modules.sharding.local_part`: the FSDP2 shard, the
-        ZeRO-3 partition, or all of it), and the ranks' digests are hashed together: nothing is gathered, and a ZeRO-3
-        placeholder (an empty tensor) cannot make two different models look alike. A collective under several
-        processes."""
-        reshard(self.policy)  # FSDP2: hash the shards, not a root left gathered by an earlier forward
-        h = hashlib.sha256()
-        for name, param in self.policy.named_parameters():
-            if "lora_" in name:  # adapters are disabled in the reference pass
-                continue
-            flat = local_part(param).detach().reshape(-1)
-            h.update(f"{name}{tuple(getattr(param, 'ds_shape', param.shape))}".encode())
-            h.update(flat[:: max(1, flat.numel() // 4096)].to(torch.float32, copy=True).cpu().numpy().tobytes())
-        settings = repr((self.hparams.average_logprobs, getattr(self._trainer, "precision", None)))
-        digests = per_rank_state(h.hexdigest())
-        return hashlib.sha256((settings + "".join(map(str, digests))).encode()).hexdigest()[:16]
+        """The model half of the cache key (`recipes.modules.reference_pass.model_fingerprint`); a collective."""
+        return model_fingerprint(self.policy, self.hparams.average_logprobs, getattr(self._trainer, "precision", None))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.reference_logps:
-            checkpoint["reference_logps"] = dict(self.reference_logps)
+        if isinstance(self.reference, PrecomputedTable) and self.reference.tables:
+            checkpoint["reference_logps"] = dict(self.reference.tables)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.reference_logps = dict(checkpoint.get("reference_logps", {}))
+        if isinstance(self.reference, PrecomputedTable):
+            self.reference.tables = dict(checkpoint.get("reference_logps", {}))
 
     # --- setup ------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -298,5 +202,7 @@ class DPOModule(AlignmentModule):
                              "empty. Use reference_mode 'precomputed' (yaml/dpo_llama2_deepspeed_zero3.yaml), LoRA "
                              "with 'disabled_adapter', ZeRO-2, or FSDP.")
         if self.mode == "frozen_copy":  # copied before sharding; under ModelParallelStrategy both are FSDP2-sharded
-            self.reference = fsdp2_shard(copy.deepcopy(policy).eval().requires_grad_(False), mesh, dtype)
+            self.reference = fsdp2_shard(FrozenCopy.freeze(copy.deepcopy(policy)), mesh, dtype)
+        elif self.mode == "disabled_adapter":
+            self.reference = AdapterReference(policy)  # adapters disabled until a callback names its adapter
         self.policy = fsdp2_shard(policy, mesh, dtype)

@@ -36,10 +36,7 @@ def _full_state_dict_if_sharded(model: nn.Module, is_writer: bool = True) -> dic
         return state
     if not any(isinstance(p, DTensor) for p in model.parameters()):
         return None
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

@@ -12,13 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -218,5 +212,7 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
 
 
-# Checkpoints store these specs in their hyperparameters; allow them under torch.load(weights_only=True).
-torch.serialization.add_safe_globals([ModelSpec, LoRASpec])
+# Checkpoints store these specs in their hyperparameters; allow them under torch.load(weights_only=True), also by the
+# names rlhf-recipes 0.1 pickled them under (its top-level `modules` package; recipes.legacy maps the other old paths).
+torch.serialization.add_safe_globals([ModelSpec, LoRASpec, (ModelSpec, "modules.models.ModelSpec"),
+                                      (LoRASpec, "modules.models.LoRASpec")])

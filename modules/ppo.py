@@ -11,37 +11,25 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.adapters import add_planned_adapters
-from recipes.modules.distributed import (
-    all_reduce_sum,
-    global_masked_whiten,
-    own_state,
-    per_rank_state,
-    update_global_moments,
-    world_size,
-)
+from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, own_state, per_rank_state, world_size
 from recipes.modules.export import save_pretrained
 from recipes.modules.generation import response_logprobs, response_values, sample
 from recipes.modules.losses import PPOPolicyLoss, PPOValueLoss
 from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
 from recipes.modules.optim import actor_critic_optimization, adamw
+from recipes.modules.ppo_rollout import in_reward_units, rollout_metrics, score_responses, standardize_values
+from recipes.modules.reference import AdapterReference, FrozenCopy, Reference
 from recipes.modules.reward_functions import RewardFunction
-from recipes.modules.rl_utils import (
-    KLEstimator,
-    RunningMoments,
-    gae_advantages,
-    kl_estimate,
-    kl_penalized_rewards,
-    masked_mean,
-    terminal_scores,
-)
+from recipes.modules.rl_utils import KLEstimator, RunningMoments, gae_advantages, kl_penalized_rewards
 from recipes.modules.rollout import rollout_forwards, sample_in_chunks
 from recipes.modules.scalar_models import build_scalar_model, check_critic_tokenizer
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, fsdp2_shard_scalar
-from recipes.modules.types import Generation, PromptBatch, Trajectory
+from recipes.modules.types import Generation, PPOStats, PromptBatch, Sample, Trajectory
 
 
 class PPOModule(L.LightningModule):
@@ -53,16 +41,15 @@ class PPOModule(L.LightningModule):
 
     1. the batch is ``rollout_batch_size`` left-padded prompts from `recipes.datamodules.prompts.PromptDataModule`;
     2.-6. `rollout` samples, scores and evaluates them into a `recipes.modules.types.Trajectory`;
-    7. ``ppo_epochs`` passes over the rollout in shuffled minibatches of ``mini_batch_size`` rows (each split into
-       micro-batches of ``micro_batch_size`` rows whose token-weighted gradients add up to the minibatch's): clipped
-       policy loss for the actor optimizer, clipped value loss for the critic optimizer, gradient clipping, and an
-       early stop of the iteration once a minibatch's ``approx_kl`` exceeds ``target_kl``.
+    7. ``ppo_epochs`` shuffled passes in minibatches of ``mini_batch_size`` rows, one actor and critic step each
+       (`_update`: clipped policy and value losses), stopped once a minibatch's ``approx_kl`` exceeds ``target_kl``.
 
     Strategies: DDP, FSDP2 (``ModelParallelStrategy``: all four models sharded) and DeepSpeed ZeRO-2 (actor and
     critic as two parameter groups of its one optimizer: `recipes.modules.optim.actor_critic_optimization`).
 
-    The reference is a frozen copy ``self.reference`` for full fine-tuning; with LoRA it is the policy with adapters
-    disabled, or with the adapter named ``self.reference_adapter`` (set by ``EMAReference``). The critic is a
+    The reference is one object, ``self.reference`` (`recipes.modules.reference`): a `FrozenCopy` for full
+    fine-tuning; with LoRA an `AdapterReference`, the policy with adapters disabled, or with the adapter that
+    ``EMAReference`` switches it to (``use_adapter``) and averages (``lerp_``). The critic is a
     one-label sequence-classification model, normally initialized from the reward model's folder.
 
     Args:
@@ -71,8 +58,7 @@ class PPOModule(L.LightningModule):
         reward: a `recipes.modules.reward_functions.RewardFunction` (``class_path``): a programmatic reward, or
             `recipes.modules.reward_functions.SequenceClassifierReward` around a reward-model folder (re-tokenizes the texts).
         tokenizer, max_length: linked from the data module by the CLI.
-        optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic optimization; schedulers step
-            once per iteration.
+        optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic (schedulers step per iteration).
         max_new_tokens, temperature, top_k, top_p: sampling (``top_k=0`` and ``top_p=1`` disable those filters).
         generation_batch_size: prompts generated at a time (None: the whole rollout).
         reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (paper: 20); None: no clip.
@@ -80,32 +66,50 @@ class PPOModule(L.LightningModule):
         normalize_rewards: standardize scores with running mean and std over every score seen, before clipping.
         kl_coef, kl_estimator: the per-token KL penalty ``-kl_coef * KL_t`` (``k1`` or ``k3``).
         gamma, lam: GAE discount and lambda (arXiv 1506.02438, Eq. 16; paper: both 1).
-        normalize_advantages: whiten advantages to zero mean and unit variance over the response tokens of the
-            whole rollout batch (once per iteration, not per minibatch).
+        normalize_advantages: whiten advantages over the response tokens of the whole rollout batch (not per minibatch).
         normalize_values: the critic predicts returns standardized by running mean and std of all returns seen.
         ppo_epochs, mini_batch_size, micro_batch_size: passes, rows per optimizer step (None: the whole rollout),
             rows per forward/backward (None: the minibatch); ``micro_batch_size`` also chunks the rollout forwards.
         policy_loss, value_loss: default ``PPOPolicyLoss(0.2)`` and ``PPOValueLoss(0.2)``.
         max_grad_norm: clip each model's gradient norm (None: no clipping).
-        target_kl: stop the iteration's updates when a minibatch's approx KL exceeds it (None: never).
+        target_kl: end the iteration after the first minibatch whose approx KL exceeds it (None: never).
         disable_dropout: set every dropout to 0, so rollout and update see the same policy.
-        sampling_seed: seed of the sampling/shuffling generator (None: ``torch.initial_seed()``, set by
-            ``seed_everything``).
+        sampling_seed: sampling/shuffling generator seed (None: ``torch.initial_seed()``, set by ``seed_everything``).
     """
 
     def __init__(
-        self, model: ModelSpec, critic: ModelSpec, reward: Callable[..., Any],
-        tokenizer: PreTrainedTokenizerBase | None = None, max_length: int | None = None,
-        optimizer: OptimizerCallable = adamw, critic_optimizer: OptimizerCallable = adamw,
-        scheduler: LRSchedulerCallable | None = None, critic_scheduler: LRSchedulerCallable | None = None,
-        max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-        generation_batch_size: int | None = None, reward_clip: float | None = 20.0,
-        missing_eos_penalty: float | None = None, normalize_rewards: bool = False,
-        kl_coef: float = 0.1, kl_estimator: KLEstimator = "k1", gamma: float = 1.0, lam: float = 1.0,
-        normalize_advantages: bool = True, normalize_values: bool = False,
-        ppo_epochs: int = 4, mini_batch_size: int | None = None, micro_batch_size: int | None = None,
-        policy_loss: PPOPolicyLoss | None = None, value_loss: PPOValueLoss | None = None,
-        max_grad_norm: float | None = 1.0, target_kl: float | None = None, disable_dropout: bool = True,
+        self,
+        model: ModelSpec,
+        critic: ModelSpec,
+        reward: Callable[..., Any],
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        max_length: int | None = None,
+        optimizer: OptimizerCallable = adamw,
+        critic_optimizer: OptimizerCallable = adamw,
+        scheduler: LRSchedulerCallable | None = None,
+        critic_scheduler: LRSchedulerCallable | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generation_batch_size: int | None = None,
+        reward_clip: float | None = 20.0,
+        missing_eos_penalty: float | None = None,
+        normalize_rewards: bool = False,
+        kl_coef: float = 0.1,
+        kl_estimator: KLEstimator = "k1",
+        gamma: float = 1.0,
+        lam: float = 1.0,
+        normalize_advantages: bool = True,
+        normalize_values: bool = False,
+        ppo_epochs: int = 4,
+        mini_batch_size: int | None = None,
+        micro_batch_size: int | None = None,
+        policy_loss: PPOPolicyLoss | None = None,
+        value_loss: PPOValueLoss | None = None,
+        max_grad_norm: float | None = 1.0,
+        target_kl: float | None = None,
+        disable_dropout: bool = True,
         sampling_seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -120,11 +124,11 @@ class PPOModule(L.LightningModule):
         self.value_loss = value_loss if value_loss is not None else PPOValueLoss(0.2)
         self.policy: nn.Module | None = None
         self.critic: nn.Module | None = None
-        self.reference: nn.Module | None = None  # frozen copy for full fine-tuning; None with LoRA
-        self.reference_adapter: str | None = None  # LoRA: None = adapters disabled; EMAReference sets its adapter
+        self.reference: Reference | None = None  # built in configure_model
         self.reward_moments, self.value_moments = RunningMoments(), RunningMoments()
         self.generator: torch.Generator | None = None
         self._rng_state: Tensor | None = None
+        self.last_samples: list[Sample] = []  # the latest rollout's rows, read by SampleLogger; set by rollout
 
     def forward(self, batch: PromptBatch) -> Generation:
         """Sample responses to a prompt batch with the configured sampling settings."""
@@ -138,24 +142,25 @@ class PPOModule(L.LightningModule):
         start = time.perf_counter()
         traj = self.rollout(batch)
         self.log("time/rollout_s", time.perf_counter() - start, batch_size=1)
-        start, hp = time.perf_counter(), self.hparams
+        start, hp, n = time.perf_counter(), self.hparams, traj.input_ids.shape[0]
         opts, schedulers = self.optimizers(), self.lr_schedulers()
         opts = opts if isinstance(opts, list) else [opts]  # DeepSpeed: one optimizer (two parameter groups)
-        n, stats = traj.input_ids.shape[0], []
-        # ppo_epochs shuffled passes (each epoch's order drawn when it starts); target_kl stops the iteration
-        for mb in (mb for _ in range(hp.ppo_epochs) for mb in traj.minibatches(hp.mini_batch_size or n, self.rng())):
-            stats.append(self._update(mb, opts))
-            if hp.target_kl is not None and stats[-1][2] > hp.target_kl:
-                break
+        updates: list[PPOStats] = []
+        stop = False
+        for epoch in range(hp.ppo_epochs):
+            for minibatch in traj.minibatches(hp.mini_batch_size or n, self.rng()):  # this epoch's shuffle, drawn now
+                stats = self._update(minibatch, opts)
+                updates.append(stats)
+                stop = hp.target_kl is not None and stats.approx_kl > hp.target_kl
+                if stop:
+                    break  # target_kl: no further minibatch of this epoch ...
+            if stop:
+                break  # ... and no further epoch
         for scheduler in [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s]:
-            scheduler.step()
-        # One trainer step per iteration: the inner optimizer steps above bypass the step counter (see _step).
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready(), progress.increment_completed()
-        means = torch.tensor(stats).mean(0).tolist()
-        for name, value in zip(("policy_loss", "value_loss", "approx_kl", "clipfrac", "value_clipfrac"), means):
-            self.log(f"ppo/{name}", value, batch_size=n)
-        self.log("ppo/updates", float(len(stats)), batch_size=n)
+            scheduler.step()  # once per iteration
+        self._count_iteration()
+        self.log_dict({f"ppo/{name}": value for name, value in PPOStats.mean(updates)._asdict().items()}, batch_size=n)
+        self.log("ppo/updates", float(len(updates)), batch_size=n)
         self.log("time/train_s", time.perf_counter() - start, batch_size=1)
 
     @torch.no_grad()
@@ -164,12 +169,12 @@ class PPOModule(L.LightningModule):
 
         2. generate with a KV cache (`recipes.modules.generation.sample`, dropout off), ``generation_batch_size`` at a time;
         3. score the decoded texts with ``reward``; optionally standardize by running moments; clip; responses that
-           did not end with EOS get ``missing_eos_penalty`` (`terminal_scores`);
+           did not end with EOS get ``missing_eos_penalty`` (`recipes.modules.ppo_rollout.score_responses`);
         4. old log-probs, reference log-probs and critic values of the response tokens; per-token rewards
            ``-kl_coef * KL_t`` plus the terminal score on the last response token (`kl_penalized_rewards`);
         5. GAE advantages and returns (`gae_advantages`, ``gamma``, ``lam``);
         6. ``normalize_advantages``: whiten over every response token of the whole rollout batch; with
-           ``normalize_values`` values and returns are expressed in running-standardized units.
+           ``normalize_values`` values and returns are expressed in running-standardized units (`standardize_values`).
         """
         hp, tok = self.hparams, self.tokenizer
         prompt_ids, prompt_mask, n = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0]
@@ -179,56 +184,35 @@ class PPOModule(L.LightningModule):
             self.policy, lambda ids, att: self({"input_ids": ids, "attention_mask": att}), prompt_ids, prompt_mask,
             hp.generation_batch_size or n, tok.pad_token_id)
         gen_s = time.perf_counter() - start
-        # 3. score
+        # 3. score: decode, reward, running standardization (every rank's scores), clip, truncation penalty
         start = time.perf_counter()
-        texts = tok.batch_decode([ids[:int(m.sum())] for ids, m in zip(response_ids, mask)], skip_special_tokens=True)
-        raw_scores = self.reward_fn(batch["prompts"], texts, batch.get("metadata")).to(self.device).float()
-        scores = raw_scores
-        if hp.normalize_rewards:
-            update_global_moments(self.reward_moments, raw_scores)  # every rank's scores: the same moments
-            scores = (raw_scores - self.reward_moments.mean) / max(self.reward_moments.std, 1e-8)
-        scores = terminal_scores(scores, ended, hp.missing_eos_penalty, hp.reward_clip)  # (B,)
+        scored = score_responses(self.reward_fn, tok, batch, response_ids, mask, ended, hp.missing_eos_penalty,
+                                 hp.reward_clip, self.reward_moments if hp.normalize_rewards else None, self.device)
         score_s = time.perf_counter() - start
         # 4. log-probs, reference log-probs, values, KL-penalized rewards
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)
         P = prompt_ids.shape[1]
         old_logprobs, entropy, ref_logprobs, values = rollout_forwards(
-            self.policy, self.critic, self.reference, self.reference_adapter, input_ids, attention_mask, P,
-            hp.micro_batch_size or n)
-        rewards = kl_penalized_rewards(scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
-        # 5. GAE, on values in reward units
-        v_mean, v_std = self._value_scale()
-        advantages, returns = gae_advantages(rewards, values * v_std + v_mean, mask, hp.gamma, hp.lam)
+            self.policy, self.critic, self.reference, input_ids, attention_mask, P, hp.micro_batch_size or n)
+        rewards = kl_penalized_rewards(scored.scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
+        # 5. GAE, on the critic's values in reward units (the moments before this rollout); metrics before whitening
+        raw_values = in_reward_units(values, self.value_moments if hp.normalize_values else None)
+        advantages, returns = gae_advantages(rewards, raw_values, mask, hp.gamma, hp.lam)
+        metrics = rollout_metrics(scored, old_logprobs, ref_logprobs, entropy, ended, advantages, mask, hp.kl_estimator)
         # 6. normalization over the whole rollout batch
-        advantage_mean = masked_mean(advantages, mask)
         if hp.normalize_advantages:
             advantages = global_masked_whiten(advantages, mask)  # over the rollout of every rank
-        if hp.normalize_values:
-            update_global_moments(self.value_moments, returns[mask.bool()])
-            raw_values = values * v_std + v_mean
-            v_mean, v_std = self._value_scale()
-            values, returns = (raw_values - v_mean) / v_std * mask, (returns - v_mean) / v_std * mask
-        kl = kl_estimate(old_logprobs, ref_logprobs, hp.kl_estimator)
-        lengths = mask.sum(1).float()
-        for name, value in {"reward": raw_scores.mean(), "score": scores.mean(), "kl": (kl * mask).sum(1).mean(),
-                            "entropy": masked_mean(entropy, mask), "response_length": lengths.mean(),
-                            "eos_rate": ended.float().mean(), "advantage_mean": advantage_mean}.items():
-            self.log(f"ppo/{name}", value, batch_size=n)
-        self.log("time/generate_s", gen_s, batch_size=1)
-        self.log("time/score_s", score_s, batch_size=1)
-        self.log("rollout/tokens_per_s", float(lengths.sum()) / max(gen_s, 1e-9), batch_size=1)
-        self.last_samples = list(zip(batch["prompts"], texts, raw_scores.tolist()))  # for SampleLogger
+        if hp.normalize_values:  # the moments now include this rollout's returns
+            values, returns = standardize_values(raw_values, returns, mask, self.value_moments)
+        self.log_dict(metrics, batch_size=n)
+        self.log_dict({"time/generate_s": gen_s, "time/score_s": score_s,
+                       "rollout/tokens_per_s": float(mask.sum()) / max(gen_s, 1e-9)}, batch_size=1)
+        self.last_samples = [Sample(*row) for row in zip(batch["prompts"], scored.texts, scored.raw_scores.tolist())]
         return Trajectory(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages,
-                          returns, scores)
+                          returns, scored.scores)
 
-    def _value_scale(self) -> tuple[float, float]:
-        """(mean, std) that map the critic's output to reward units: running return moments, or (0, 1)."""
-        if not self.hparams.normalize_values or self.value_moments.count < 2:
-            return 0.0, 1.0
-        return self.value_moments.mean, max(self.value_moments.std, 1e-8)
-
-    def _update(self, mb: Trajectory, opts: list) -> tuple[float, ...]:
+    def _update(self, mb: Trajectory, opts: list[LightningOptimizer]) -> PPOStats:
         """One optimizer step of actor and critic on a minibatch, accumulated over micro-batches. Losses are token
         means over the minibatch rows of every rank: data parallelism averages gradients over ``world_size`` ranks, so
         each micro-batch is weighted by ``world_size * its tokens / all ranks' tokens``; statistics are summed."""
@@ -253,23 +237,24 @@ class PPOModule(L.LightningModule):
         for opt in opts:
             if hp.max_grad_norm is not None:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
-            self._step(opt)
-        return tuple(all_reduce_sum(sums).tolist())  # every rank sees the same approx_kl, so target_kl stops all
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)  # uncounted: _count_iteration
+        return PPOStats(*all_reduce_sum(sums).tolist())  # every rank sees the same approx_kl, so target_kl stops all
 
-    def _step(self, opt: Any) -> None:
-        """Step through the strategy (precision, FSDP, DeepSpeed) like ``LightningOptimizer.step``, without counting
-        a trainer step: `training_step` counts one per PPO iteration."""
-        self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)
+    def _count_iteration(self) -> None:
+        """One trainer step per PPO iteration: advance ``global_step`` by one. `_update` steps through the strategy as
+        ``LightningOptimizer.step()`` does, but not through that method, which would count every inner step; Lightning
+        2.6 has no public way to count a step without taking one, so this increments the counter that method would."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready(), progress.increment_completed()
 
     def rng(self) -> torch.Generator:
         """The sampling and shuffling generator on this module's device (checkpointed for exact resume)."""
         if self.generator is None or self.generator.device != self.device:
-            self.generator = torch.Generator(device=self.device)
-            if self._rng_state is not None:
+            seed = self.hparams.sampling_seed if self.hparams.sampling_seed is not None else torch.initial_seed()
+            rank = self.global_rank if self._trainer is not None else 0
+            self.generator = torch.Generator(device=self.device).manual_seed(seed + rank)
+            if self._rng_state is not None:  # a checkpoint's state replaces the seed
                 self.generator.set_state(self._rng_state)
-            else:
-                seed = self.hparams.sampling_seed if self.hparams.sampling_seed is not None else torch.initial_seed()
-                self.generator.manual_seed(seed + (self.global_rank if self._trainer is not None else 0))
         return self.generator
 
     # --- checkpointing: generator, running moments (the rest is model, optimizer and loop state) -----------------
@@ -294,7 +279,9 @@ class PPOModule(L.LightningModule):
         policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
         add_planned_adapters(self, policy)  # e.g. EMAReference's adapter, before sharding
         if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
-            self.reference = fsdp2_shard(copy.deepcopy(policy).requires_grad_(False).eval(), mesh, dtype)
+            self.reference = fsdp2_shard(FrozenCopy.freeze(copy.deepcopy(policy)), mesh, dtype)
+        else:  # LoRA: the policy with adapters disabled (EMAReference switches it to its adapter): one base model
+            self.reference = AdapterReference(policy)
         critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
         check_critic_tokenizer(self.critic_spec, critic, self.tokenizer)
         # FSDP2 under ModelParallelStrategy (each decoder layer one unit; the frozen reward model too), else unchanged

@@ -19,10 +19,10 @@ LOSS_METRICS = ("loss", "rank_loss", "sft_loss")
 class RankingModule(AlignmentModule):
     """Align a causal LM policy with rankings of k >= 2 scored responses per prompt; no reference model.
 
-    Every real response of the ``(B, k, T)`` batch (`recipes.datamodules.ranking.RankingDataModule`) goes through the policy
-    in one flattened forward (`recipes.modules.policy.completion_logprobs`); the loss (``RRHFLoss`` by default, ``PROLoss``
-    or any module with the same signature, by ``class_path``) sees the ``(B, k)`` summed log-probs, the response
-    lengths, the scores and the mask of real response slots, and returns per-prompt losses.
+    Every real response of the ``(B, k, T)`` batch (`recipes.datamodules.ranking.RankingDataModule`) goes through the
+    policy in one flattened forward (`recipes.modules.policy.completion_logprobs`); the loss (``RRHFLoss`` by default,
+    ``PROLoss`` or any module with the same signature, by ``class_path``) sees the ``(B, k)`` summed log-probs, the
+    response lengths, the scores and the mask of real response slots, and returns per-prompt losses.
 
     Metrics: ``train/loss``, ``train/rank_loss``, ``train/sft_loss``, ``rank/accuracy`` (the fraction of ordered
     pairs ``s_i > s_j`` with ``p_i > p_j``, ``p`` the length-normalized log-prob), and ``val/...`` for each.

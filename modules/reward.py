@@ -24,12 +24,13 @@ from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard_scalar
 class RewardModule(AlignmentModule):
     """Pairwise reward modelling: ``loss = -log sigmoid(r_c - r_r - m) [+ center_coef (r_c + r_r)^2]``.
 
-    Batches are `recipes.datamodules.preference.PreferenceDataModule` batches: ``(2B, T)`` with the chosen rows first and an
-    optional per-pair ``margin`` ``(B,)``. The reward is the head's output at each row's last real token (the EOS
+    Batches are `recipes.datamodules.preference.PreferenceDataModule` batches: ``(2B, T)`` with the chosen rows first
+    and an optional per-pair ``margin`` ``(B,)``. The reward is the head's output at each row's last real token (the EOS
     that ends the response).
 
     Args:
-        model: the backbone to build (`recipes.modules.models.ModelSpec`; a causal LM's weights load into it, the head starts
+        model: the backbone to build (`recipes.modules.models.ModelSpec`; a causal LM's weights load into it, the head
+        starts
             fresh), built in ``configure_model``.
         tokenizer: the data's tokenizer (linked by the CLI); saved with the export.
         loss: the pairwise loss; default ``PairwiseRewardLoss()`` (no centering).

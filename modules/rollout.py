@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from recipes.modules.adapters import reference_context
 from recipes.modules.generation import response_logprobs, response_values
+from recipes.modules.reference import Reference
 from recipes.modules.sharding import unsharded
 from recipes.modules.types import Generation
 
@@ -36,17 +36,16 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
 
 
 @torch.no_grad()
-def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: nn.Module | None, reference_adapter: str | None,
-                     input_ids: Tensor, attention_mask: Tensor, prompt_length: int,
-                     chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: Reference, input_ids: Tensor,
+                     attention_mask: Tensor, prompt_length: int, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Old log-probs, entropies, reference log-probs and values of the response tokens, ``chunk`` rows at a time,
     every model in eval mode (restored afterwards).
 
-    The reference is ``reference`` when given (a frozen copy), else the policy with its adapters disabled or with
-    ``reference_adapter`` active (`recipes.modules.adapters.reference_context`). Shapes: inputs ``(B, P + R)``; each output
-    ``(B, R)``.
+    The reference is read through `recipes.modules.reference.Reference.logprobs`, whichever kind it is (a frozen
+    copy, or the LoRA policy with its adapters disabled or a reference adapter active). Shapes: inputs
+    ``(B, P + R)``; each output ``(B, R)``.
     """
-    modes = [(m, m.training) for m in (policy, critic, reference) if m is not None]
+    modes = [(m, m.training) for m in (policy, critic, reference) if isinstance(m, nn.Module)]
     for m, _ in modes:
         m.eval()
     outs, P = [], prompt_length
@@ -54,11 +53,7 @@ def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: nn.Module 
         for i in range(0, input_ids.shape[0], chunk):
             ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
             logprobs, entropy = response_logprobs(policy, ids, att, P, with_entropy=True)
-            if reference is not None:
-                ref_logprobs, _ = response_logprobs(reference, ids, att, P)
-            else:
-                with reference_context(policy, reference_adapter):
-                    ref_logprobs, _ = response_logprobs(policy, ids, att, P)
+            ref_logprobs = reference.logprobs(lambda model, ids=ids, att=att: response_logprobs(model, ids, att, P)[0])
             outs.append((logprobs, entropy, ref_logprobs, response_values(critic, ids, att, P)))
     finally:
         for m, mode in modes:

@@ -26,8 +26,9 @@ class SFTModule(AlignmentModule):
     makes gradient accumulation exactly equal to a larger batch).
 
     Args:
-        model: what to build (see `recipes.modules.models.ModelSpec`); built in ``configure_model`` so strategies can shard.
-        tokenizer: the data's tokenizer (linked by the CLI); gives vocab size and special ids to random models and
+        model: what to build (see `recipes.modules.models.ModelSpec`); built in ``configure_model`` so strategies can
+        shard. tokenizer: the data's tokenizer (linked by the CLI); gives vocab size and special ids to random models
+        and
             is saved with the export.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         loss_reduction: ``token`` or ``sequence`` (above).

@@ -120,8 +120,8 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
     all-gathered once and kept (``reshard_after_forward`` off), so the forwards communicate nothing and each rank may
     stop on its own. The price is one full copy of the model's weights on every rank during the rollout (for a 7B
     policy in bf16 about 13.5 GB). On exit the layers go back to resharding after forward, as
-    `recipes.modules.sharding.fsdp2_shard` sets them (the root keeps its weights after forward, FSDP2's default), and every
-    unit drops its gathered weights. No-op for a model without FSDP2 units.
+    `recipes.modules.sharding.fsdp2_shard` sets them (the root keeps its weights after forward, FSDP2's default), and
+    every unit drops its gathered weights. No-op for a model without FSDP2 units.
     """
     units = _fsdp_modules(model)
     if not units:
@@ -141,8 +141,9 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
 def fsdp2_shard_scalar(model: nn.Module, device_mesh: object | None, param_dtype: torch.dtype | None = None
                        ) -> nn.Module:
     """`recipes.modules.sharding.fsdp2_shard` for a one-label sequence-classification model read through
-    `recipes.modules.scalar_models.token_scores`, which calls the backbone and the head directly (not the model's forward):
-    the backbone (each decoder layer a unit) and the head are sharded as units of their own, so each gathers its
+    `recipes.modules.scalar_models.token_scores`, which calls the backbone and the head directly (not the model's
+    forward): the backbone (each decoder layer a unit) and the head are sharded as units of their own, so each gathers
+    its
     weights when it runs; ``param_dtype`` as in ``fsdp2_shard``. No-op without a mesh."""
     if device_mesh is None:
         return model

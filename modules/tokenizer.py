@@ -1,4 +1,5 @@
-"""Tokenizer loading: hub id or local folder, the real Llama-2 SentencePiece model, a built-in byte tokenizer; pad policy.
+"""Tokenizer loading: hub id or local folder, the real Llama-2 SentencePiece model, a built-in byte tokenizer; pad
+policy.
 
 Pad policy (stated once, used everywhere): a tokenizer without a pad token pads with its ``unk`` token when it has
 one, else with ``eos``. Pad positions are always excluded by the attention and completion masks, so the choice never
@@ -11,12 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from transformers import (
-    AutoTokenizer,
-    LlamaTokenizer,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 

@@ -80,3 +80,48 @@ class Trajectory(NamedTuple):
         order = torch.randperm(n, generator=generator, device=device).to(self.input_ids.device)
         for start in range(0, n, size):
             yield self.select(order[start:start + size])
+
+
+class ScoredResponses(NamedTuple):
+    """The sampled responses of a rollout, decoded and scored (step 3 of `recipes.modules.ppo.PPOModule.rollout`).
+
+    Fields:
+        texts: the decoded responses (special tokens skipped, so without the EOS), one per row.
+        raw_scores: ``(B,)`` float, the reward's scores as it returned them.
+        scores: ``(B,)`` the terminal scores placed on the last token (normalized, clipped, penalized).
+    """
+
+    texts: list[str]
+    raw_scores: Tensor
+    scores: Tensor
+
+
+class Sample(NamedTuple):
+    """One row of the latest rollout, as `recipes.callbacks.sample_logger.SampleLogger` logs it."""
+
+    prompt: str
+    response: str
+    reward: float  # the raw score (before normalization, clip and penalty)
+
+
+class PPOStats(NamedTuple):
+    """Statistics of one PPO update (one minibatch): token means over the minibatch rows of every rank.
+
+    Fields:
+        policy_loss: the clipped surrogate loss (`recipes.modules.losses.PPOPolicyLoss`).
+        value_loss: the clipped value loss (`recipes.modules.losses.PPOValueLoss`).
+        approx_kl: the approximate KL from the rollout's policy to the current one, what ``target_kl`` compares.
+        clipfrac: the fraction of tokens whose ratio was clipped.
+        value_clipfrac: the fraction of tokens whose value was clipped.
+    """
+
+    policy_loss: float
+    value_loss: float
+    approx_kl: float
+    clipfrac: float
+    value_clipfrac: float
+
+    @staticmethod
+    def mean(updates: list[PPOStats]) -> PPOStats:
+        """The field-wise mean over an iteration's updates (in float32, as the logged metrics are)."""
+        return PPOStats(*torch.tensor(updates).mean(0).tolist())

@@ -5,11 +5,10 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-from recipes import config_path
+from recipes import legacy, resolve_configs
 
 
 class AlignmentCLI(LightningCLI):
@@ -26,8 +25,15 @@ class AlignmentCLI(LightningCLI):
         """Explicit values win over a checkpoint's saved hyperparameters: Lightning applies those on top of the
         parsed arguments (so ``predict --ckpt_path x --model.init_args.max_new_tokens 4`` would be ignored); here
         they are applied first and the config files and command line are parsed again on top of them."""
-        before = self.config
-        super()._parse_ckpt_path()
+        before, parse = self.config, self.parser.parse_object
+        sub = self.config.get("subcommand")
+        source = f"--ckpt_path {self.config[sub].get('ckpt_path')}" if sub else "the checkpoint"
+        # A checkpoint of rlhf-recipes 0.1 names its module by its old class path: read it under the new one.
+        self.parser.parse_object = lambda cfg, *a, **kw: parse(legacy.upgrade_class_paths(cfg, source), *a, **kw)
+        try:
+            super()._parse_ckpt_path()
+        finally:
+            del self.parser.parse_object
         if self.config is not before:
             import sys
 
@@ -45,15 +51,6 @@ class AlignmentCLI(LightningCLI):
         parser.link_arguments("data.max_length", "model.init_args.max_length", apply_on="instantiate")
 
 
-def _resolve_configs(args: list[str]) -> list[str]:
-    """Let ``--config yaml/x.yaml`` also find the copy installed with the package when run from elsewhere."""
-    out = list(args)
-    for i, a in enumerate(out[:-1]):
-        if a == "--config" and not os.path.exists(out[i + 1]):
-            out[i + 1] = str(config_path(out[i + 1]))
-    return out
-
-
 # Subcommands that are not a Trainer entry point: name -> module whose ``main(args)`` runs it.
 SUBCOMMANDS = {"study": "recipes.study", "evaluate": "recipes.evaluate"}
 
@@ -64,9 +61,10 @@ def cli_main(args: ArgsType = None, run: bool = True) -> AlignmentCLI | object:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     given = list(args) if args is not None else sys.argv[1:]
-    if given and given[0] in SUBCOMMANDS:
-        return importlib.import_module(SUBCOMMANDS[given[0]]).main(_resolve_configs(given[1:]))
-    argv = _resolve_configs(given)
+    argv = resolve_configs(given)  # `--config tiny/sft.yaml` from any folder finds the shipped file
+    legacy.check(argv)  # a config naming a class path of rlhf-recipes 0.1 stops here, with the new path
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     return AlignmentCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,

@@ -58,9 +58,9 @@ def generate_samples(problems: Mapping[str, CodeProblem], model_dir: str, n_samp
                      progress: bool = True) -> list[dict[str, str]]:
     """``n_samples`` completions per problem from a causal-LM folder, sampled by `recipes.modules.generation.sample`.
 
-    Each prompt is the problem's ``prompt`` tokenized as `recipes.datamodules.prompts.PromptDataModule` does (special tokens
-    added), left-padded ``batch_size`` rows at a time in problem order, then sample order. One generator seeded with
-    ``seed`` draws every token, so a seed, batch size and device give the same samples every time. Prompts that
+    Each prompt is the problem's ``prompt`` tokenized as `recipes.datamodules.prompts.PromptDataModule` does (special
+    tokens added), left-padded ``batch_size`` rows at a time in problem order, then sample order. One generator seeded
+    with ``seed`` draws every token, so a seed, batch size and device give the same samples every time. Prompts that
     leave no room for ``max_new_tokens`` within the model's positions are cut from the left, counted and logged.
     """
     from transformers import AutoModelForCausalLM

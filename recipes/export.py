@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
+import recipes.modules.models  # noqa: F401  (registers the specs a checkpoint pickles for weights_only=True)
 import yaml
+from recipes import legacy
 from recipes.__main__ import cli_main
 
 
@@ -36,7 +38,11 @@ def checkpoint_kind(ckpt_path: str) -> str:
 
 
 def load_module_state(ckpt_path: str) -> dict[str, torch.Tensor]:
-    """The LightningModule's full (unsharded) state dict from any checkpoint kind, on CPU."""
+    """The LightningModule's full (unsharded) state dict from any checkpoint kind, on CPU.
+
+    A checkpoint of rlhf-recipes 0.1 loads too: its pickled specs (``modules.models.ModelSpec``) are read under their
+    new names (``recipes.modules.models`` registers the old ones for ``weights_only=True``); where a load must unpickle
+    with ``weights_only=False`` (DeepSpeed's conversion) and meets an old module, the error names the new path."""
     kind = checkpoint_kind(ckpt_path)
     if kind == "file":
         return torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
@@ -47,20 +53,23 @@ def load_module_state(ckpt_path: str) -> dict[str, torch.Tensor]:
         return state["state_dict"] if "state_dict" in state else state["model"]  # FSDP2 / FSDP (sharded)
     try:
         import deepspeed  # noqa: F401
-        from lightning.pytorch.utilities.deepspeed import (
-            convert_zero_checkpoint_to_fp32_state_dict,
-        )
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as e:
         raise RuntimeError(f"'{ckpt_path}' is a DeepSpeed checkpoint: `pip install deepspeed` to export it (no GPU "
                            "needed), or convert it with its own zero_to_fp32.py first.") from e
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "fp32.ckpt")
-        convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, out)
-        return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+        try:  # both unpickle with weights_only=False, which imports each pickled class by its (maybe 0.1) path
+            convert_zero_checkpoint_to_fp32_state_dict(ckpt_path, out)
+            return torch.load(out, map_location="cpu", weights_only=False)["state_dict"]
+        except ModuleNotFoundError as e:
+            legacy.explain_unpickling(e, ckpt_path)
+            raise
 
 
 def export_checkpoint(config: str, ckpt_path: str, out: str, merge_lora: bool = True) -> str:
     """Build the run's module from its config, load the checkpoint's weights, and write ``out``."""
+    legacy.check(["--config", config])  # an old run's config names 0.1 class paths: say so naming this file
     with open(config, encoding="utf-8") as f:
         values = yaml.safe_load(f)
     for key in ("ckpt_path", "weights_only"):  # subcommand keys saved with fit's config; not model or data settings

@@ -84,11 +84,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def tiny_llama2(tmp_path_factory):
     """Folders ``sft`` (causal LM) and ``rm`` (one-label sequence classifier): tiny random Llamas with the Llama-2
     vocabulary, each saved with the real Llama-2 tokenizer from ../shared/data (skips when it is absent)."""
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from recipes.modules.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
-"""The house's import rules, read from the source with `ast` (nothing is imported): one import root, imports pointing
-down (``recipes → callbacks, datamodules → modules → nothing of the project``), no file circle, and a sandbox child side
-that imports the standard library only."""
+"""The house's import rules, read from the source with `ast` (nothing is imported): one import root, imports
+pointing down (``recipes → callbacks, datamodules → modules → nothing of the project``), no file circle, and a sandbox
+child side that imports the standard library only."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ def _imports(path: Path, name: str, known: dict[str, Path]) -> tuple[set[str], s
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
             candidates = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue

@@ -204,7 +204,8 @@ def execute(job: ExecutionJob, config: SandboxConfig | None = None) -> Execution
     with _isolation(config) as (lease, workdir):
         payload = marshal.dumps(_spec(job, config, lease and lease.uid, workdir, nonce))
         cap = len(job.inputs) * (12 * config.out_bytes + 16384) + 65536
-        out, err, timed_out = communicate(config.python, config.fork_server, payload, config.wall_timeout(len(job.inputs)), cap)
+        wall = config.wall_timeout(len(job.inputs))
+        out, err, timed_out = communicate(config.python, config.fork_server, payload, wall, cap)
         done = not timed_out and out.rstrip().endswith(f"{{'end': {len(job.inputs)}}}".encode())
         if lease is not None and done and sandbox_capabilities(config.python).pid_ns:
             lease.needs_sweep = False  # pid 1 of the namespace exited and H reaped it: the kernel killed the rest

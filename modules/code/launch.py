@@ -1,5 +1,6 @@
 """Starting the sandbox's harness H (through the fork server or as a fresh interpreter) and exchanging bytes with it:
-the job spec in, capped records and diagnostics out, a SIGKILL at the deadline. Used by `recipes.modules.code.execution`."""
+the job spec in, capped records and diagnostics out, a SIGKILL at the deadline. Used by
+`recipes.modules.code.execution`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+
 from recipes.modules.code.host import ForkServer, sandbox_capabilities
 
 HARNESS = Path(__file__).with_name("sandbox") / "harness.py"

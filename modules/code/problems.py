@@ -1,7 +1,7 @@
 """Code problems and how a completion is judged: HumanEval (asserts), APPS (stdin/stdout or call-based), CodeContests.
 
-`CodeProblem` is the format-free problem (built from dataset rows by `recipes.datamodules.code`); `make_job` turns a problem
-and a completion into an `ExecutionJob`; `judge` compares what ran with the expected outputs, in this process.
+`CodeProblem` is the format-free problem (built from dataset rows by `recipes.datamodules.code`); `make_job` turns a
+problem and a completion into an `ExecutionJob`; `judge` compares what ran with the expected outputs, in this process.
 """
 
 from __future__ import annotations
@@ -11,12 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from recipes.modules.code.execution import (
-    ExecutionJob,
-    ExecutionResult,
-    SandboxConfig,
-    execute_many,
-)
+from recipes.modules.code.execution import ExecutionJob, ExecutionResult, SandboxConfig, execute_many
 
 Kind = Literal["script", "stdio", "call"]
 REL_TOL, ABS_TOL = 1e-5, 1e-8  # numpy.allclose defaults, which the APPS evaluator uses for numeric outputs

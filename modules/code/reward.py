@@ -1,6 +1,7 @@
 """Unit-test reward for code (Xu et al. 2024, Sec. 6: 10 if the program passes every test, else 0).
 
-Satisfies `recipes.modules.reward_functions.RewardFunction`; PPO calls it in its rollout, DPO-Iter uses it to label pairs.
+Satisfies `recipes.modules.reward_functions.RewardFunction`; PPO calls it in its rollout, DPO-Iter uses it to label
+pairs.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class UnitTestReward:
         config: sandbox limits; ``None``: `SandboxConfig` defaults.
         n_workers: parallel sandboxes (default: CPU count).
 
-    After a call, ``last_verdicts`` holds each response's `recipes.modules.code.problems.Verdict` (status, tests passed), for
-    logging and tests.
+    After a call, ``last_verdicts`` holds each response's `recipes.modules.code.problems.Verdict` (status, tests
+    passed), for logging and tests.
     """
 
     def __init__(self, pass_reward: float = 10.0, fail_reward: float = 0.0, partial_credit: bool = False,

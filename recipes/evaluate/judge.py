@@ -58,8 +58,8 @@ class ChatJudge:
     """Pairwise LLM judge over an OpenAI-compatible ``POST {base_url}/chat/completions``.
 
     Each pair is judged twice, the policy's response shown first (``ab``) and second (``ba``); the prompt's outcome
-    follows `recipes.evaluate.metrics.both_orders_outcome`, so a judge's position bias shows up as ties. A verdict is the
-    marker (``verdicts``) that occurs last in the reply. Finished judgments are appended (and flushed) to ``cache``,
+    follows `recipes.evaluate.metrics.both_orders_outcome`, so a judge's position bias shows up as ties. A verdict is
+    the marker (``verdicts``) that occurs last in the reply. Finished judgments are appended (and flushed) to ``cache``,
     keyed by the judge's identity (model, system prompt, template) and ``(prompt, a, b, order)``; a rerun asks only
     what is missing. Timeouts, HTTP errors and replies without a verdict are retried ``max_retries`` times with
     backoff ``backoff_s * 2**attempt``, then counted as failures; an endpoint that refuses connections raises

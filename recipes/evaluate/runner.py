@@ -1,7 +1,8 @@
 """`python -m recipes evaluate --config yaml/tiny/eval.yaml`: generate with each policy on a prompt set, then score
 with a reward model (and a cost model), compare with baselines (win/tie/loss by reward-model score, optionally by an
 LLM judge in both orders), measure the KL to a reference, and write the Table-4-shaped table, a JSON report and plots.
-The steps live in `recipes.evaluate.policies`, `recipes.evaluate.metrics`, `recipes.evaluate.judge` and `recipes.evaluate.report`.
+The steps live in `recipes.evaluate.policies`, `recipes.evaluate.metrics`, `recipes.evaluate.judge` and
+`recipes.evaluate.report`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,8 @@ from typing import Any, Literal
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from recipes.datamodules.eval_prompts import WITH_CHOSEN, PromptSetSpec, load_eval_prompts, oasst_pair
 from recipes.evaluate import report as eval_report
-from recipes.datamodules.eval_prompts import (
-    WITH_CHOSEN,
-    PromptSetSpec,
-    load_eval_prompts,
-    oasst_pair,
-)
 from recipes.evaluate.metrics import safety_summary, score_summary, win_tie_loss
 from recipes.evaluate.policies import (
     GenerationSpec,
@@ -243,9 +239,9 @@ def run_judge(cfg: Any, prompts: list[str], texts: dict[str, list[str]]) -> list
     from recipes.evaluate.judge import ChatJudge
 
     j = cfg.judge
+    cache = j.cache or os.path.join(cfg.out_dir, "judge_cache.jsonl")
     judge = ChatJudge(j.base_url, j.model, j.template, j.system_prompt, j.verdicts, j.temperature, j.max_tokens,
-                      j.timeout_s, j.max_retries, j.backoff_s, j.cache or os.path.join(cfg.out_dir, "judge_cache.jsonl"),
-                      j.api_key_env, j.concurrency)
+                      j.timeout_s, j.max_retries, j.backoff_s, cache, j.api_key_env, j.concurrency)
     out = []
     for p in cfg.policies:
         for b in j.baselines:

@@ -77,7 +77,8 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrain
                     prompts: Sequence[str], gold: GoldReward, learned: Any | None, spec: EvalSpec,
                     seed: int) -> dict[str, Any]:
     """Score ``policy`` on ``prompts``: per-prompt mean gold reward (for win-rates), and the means of the gold reward,
-    the learned reward (``learned``: a `recipes.modules.reward_functions.RewardFunction`, or None), the sequence KL to ``reference``
+    the learned reward (``learned``: a `recipes.modules.reward_functions.RewardFunction`, or None), the sequence KL to
+    ``reference``
     (`recipes.evaluate.metrics.sequence_kl` on the policy's own samples) and the response-shape statistics."""
     policy.eval(), reference.eval()
     generator = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ from recipes.callbacks.dpo_iter import DPOIterRound
 from recipes.datamodules.online_preference import OnlinePreferenceDataModule
 from recipes.modules.dpo import DPOModule
 from recipes.modules.models import LoRASpec, ModelSpec
+from recipes.modules.reference import FrozenCopy
 from recipes.modules.reward_functions import CharacterFractionReward
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer
 
@@ -33,7 +34,7 @@ def fit(module, dm, callbacks, ckpt_path=None, **kwargs):
 
 def reference_params(module):
     """The tensors that make up the reference, keyed like the policy's (frozen copy, or the LoRA reference adapter)."""
-    if module.reference is not None:
+    if isinstance(module.reference, FrozenCopy):
         return dict(module.reference.named_parameters())
     params = dict(module.policy.named_parameters())
     return {name: params[name.replace(".default.", ".round_reference.")] for name in params if ".default." in name}
@@ -52,7 +53,7 @@ class AssertingRound(DPOIterRound):
         for name, tensor in ref.items():
             assert torch.equal(tensor, policy[name]), name
         if pl_module.mode == "disabled_adapter":
-            assert pl_module.reference_adapter == self.adapter_name
+            assert pl_module.reference.adapter == self.adapter_name
         self.snapshots.append({name: t.detach().clone() for name, t in ref.items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -82,8 +83,8 @@ def test_precomputed_reference_is_recomputed_from_the_round_start_policy(byte_to
             with torch.no_grad():
                 expected = pl_module._logps(pl_module.policy.eval(), batch).view(2, -1).T
             pl_module.policy.train()
-            torch.testing.assert_close(pl_module.reference_logps["train"], expected)
-            seen.append(pl_module.reference_logps["train"].clone())
+            torch.testing.assert_close(pl_module.reference.tables["train"], expected)
+            seen.append(pl_module.reference.tables["train"].clone())
 
     module = make_module(byte_tokenizer, "precomputed")
     module.hparams.reference_cache_dir = str(tmp_path / "cache")
@@ -121,6 +122,30 @@ def test_killed_run_resumes_to_the_same_parameters(byte_tokenizer, tmp_path):
         assert [h["reward_mean"] for h in dm.history] == expected, ckpt
         for (name, a), b in zip(full.policy.named_parameters(), resumed.policy.parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{ckpt}: {name}")
+
+
+def test_lora_run_resumed_inside_a_round_reads_the_saved_round_adapter(byte_tokenizer, tmp_path):
+    """Killed at step 1 (inside round 1), a LoRA run resumes measuring against the round adapter as the checkpoint
+    saved it: not the adapter-disabled base model, and not reset to the half-trained policy."""
+    lora, ckpt = LoRASpec(r=4, dropout=0.0), tmp_path / "ckpt" / "epoch=0-step=1.ckpt"
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    fit(make_module(byte_tokenizer, "disabled_adapter", lora), make_dm(), [DPOIterRound(rounds=1), every_step],
+        max_epochs=1, default_root_dir=tmp_path, enable_checkpointing=True)  # 13 pairs: 2 steps in the round
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    seen = {}
+
+    class Check(L.Callback):  # beside DPOIterRound, whose state must load under its own name
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # step 2, the first after resuming
+            seen["adapter"] = pl_module.reference.adapter
+            seen["params"] = {f"policy.{n}": p.detach().clone() for n, p in pl_module.policy.named_parameters()
+                              if ".round_reference." in n}
+
+    fit(make_module(byte_tokenizer, "disabled_adapter", lora), make_dm(), [DPOIterRound(rounds=1), Check()],
+        ckpt_path=str(ckpt), max_epochs=1, default_root_dir=tmp_path)
+    assert seen["adapter"] == "round_reference" and seen["params"]
+    for name, value in seen["params"].items():
+        assert torch.equal(value, saved[name]), name
+    assert any(not torch.equal(saved[n], saved[n.replace(".round_reference.", ".default.")]) for n in seen["params"])
 
 
 def test_tiny_config_reward_rises_from_round_1_to_round_2(tmp_path):

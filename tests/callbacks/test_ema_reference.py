@@ -10,6 +10,7 @@ from torch import nn
 
 from recipes.callbacks.ema_reference import EMAReference
 from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm
+from recipes.modules.reference import AdapterReference, FrozenCopy
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 
@@ -19,7 +20,7 @@ class FullFTModule(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.policy = nn.Linear(4, 3)
-        self.reference = copy.deepcopy(self.policy).requires_grad_(False)
+        self.reference = FrozenCopy.freeze(copy.deepcopy(self.policy))
 
     def training_step(self, batch, batch_idx):
         return ((self.policy(batch) - 1.0) ** 2).mean()
@@ -32,16 +33,17 @@ class FullFTModule(L.LightningModule):
 
 
 class LoRAModule(L.LightningModule):
-    """A tiny LoRA Llama; the reference would be read through reference_context(policy, reference_adapter)."""
+    """A tiny LoRA Llama whose reference is the policy itself (an AdapterReference: adapters disabled or named)."""
 
     def __init__(self, tokenizer):
         super().__init__()
-        self.tokenizer, self.policy, self.reference_adapter = tokenizer, None, None
+        self.tokenizer, self.policy, self.reference = tokenizer, None, None
 
     def configure_model(self):
         if self.policy is None:
             spec = ModelSpec(config=dict(TINY_LLAMA), lora=LoRASpec(r=4, dropout=0.0))
             self.policy = build_causal_lm(spec, self.tokenizer)
+            self.reference = AdapterReference(self.policy)
 
     def training_step(self, batch, batch_idx):
         return self.policy(input_ids=batch).logits.float().pow(2).mean()
@@ -59,6 +61,7 @@ class AssertingEMA(EMAReference):
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
+        self._pairs = pl_module.reference.parameter_pairs(pl_module.policy)  # (reference, policy) tensors
         self.expected = [r.detach().clone() for r, _ in self._pairs]
         self.initial = [e.clone() for e in self.expected]
         self.checked = 0
@@ -95,7 +98,7 @@ def test_lora_reference_is_an_adapter_on_the_one_base_model(byte_tokenizer):
     adapter = sum(p.numel() for n, p in module.policy.named_parameters() if ".default." in n)
     cb = AssertingEMA(eta=0.5)
     quiet_trainer(max_steps=3, callbacks=[cb]).fit(module)
-    assert cb.checked == 3 and module.reference_adapter == "ema_reference"
+    assert cb.checked == 3 and module.reference.adapter == "ema_reference"
     total_after = sum(p.numel() for p in module.policy.parameters())
     assert total_after == total_before + adapter  # one base model, one more adapter
     assert not any(p.requires_grad for n, p in module.policy.named_parameters() if ".ema_reference." in n)

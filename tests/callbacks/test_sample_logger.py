@@ -62,3 +62,12 @@ def test_logs_the_latest_rollout_every_n_iterations(byte_tokenizer, caplog):
         prompts, texts, scores = zip(*full)  # the logged score is the reward of the full response
         torch.testing.assert_close(reward(list(prompts), list(texts)).float(), torch.tensor(scores).float())
     assert sum("step 4 | score" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_a_module_without_last_samples_is_refused():
+    """A module that does not declare ``last_samples`` (not a PPO module) is a clear error at setup, not a silent no-op."""
+    import lightning as L
+    import pytest
+
+    with pytest.raises(TypeError, match="LightningModule has none: remove SampleLogger"):
+        SampleLogger().setup(None, L.LightningModule(), "fit")

@@ -7,12 +7,7 @@ import logging
 import pytest
 
 from recipes.datamodules.collate import pad_prompt_response, truncate_pair
-from recipes.datamodules.formats import (
-    alpaca_prompt,
-    format_prompt,
-    hh_prompt,
-    split_hh_dialogue,
-)
+from recipes.datamodules.formats import alpaca_prompt, format_prompt, hh_prompt, split_hh_dialogue
 from recipes.datamodules.io import DataFormatError
 from recipes.datamodules.sampler import ResumableSampler
 from recipes.datamodules.sft import SFTDataModule

@@ -11,10 +11,12 @@ import torch
 
 from recipes.__main__ import cli_main
 from recipes.datamodules.preference import PreferenceDataModule
+from recipes.modules import reference_pass
 from recipes.modules.dpo import METRICS, DPOModule
 from recipes.modules.losses import DPOLoss
 from recipes.modules.models import LoRASpec, ModelSpec
 from recipes.modules.policy import masked_completion_logps
+from recipes.modules.reference import FrozenCopy
 from tests.conftest import TINY_LLAMA, quiet_trainer
 
 MODES = ("frozen_copy", "disabled_adapter", "precomputed")
@@ -44,7 +46,7 @@ def _modules(data, modes, lora):
         module.configure_model()
         start = start or copy.deepcopy(module.policy.state_dict())
         module.policy.load_state_dict(start)
-        if module.reference is not None:
+        if isinstance(module.reference, FrozenCopy):
             module.reference.load_state_dict(start)
         if mode == "precomputed":
             module.precompute_reference(data)
@@ -75,7 +77,7 @@ def test_three_reference_modes_same_loss_and_gradients_lora(data):
         for name, grad in grads.items():
             torch.testing.assert_close(other_grads[name], grad, atol=1e-5, rtol=1e-5, msg=f"{mode} {name}")
     n_policy = sum(p.numel() for p in modules["precomputed"].policy.parameters())
-    assert modules["precomputed"].reference is None and modules["disabled_adapter"].reference is None
+    assert not any(isinstance(modules[m].reference, torch.nn.Module) for m in ("precomputed", "disabled_adapter"))
     assert sum(p.numel() for p in modules["precomputed"].parameters()) == n_policy
     assert sum(p.numel() for p in modules["frozen_copy"].parameters()) == 2 * n_policy
 
@@ -88,10 +90,10 @@ def test_full_finetune_frozen_copy_equals_precomputed_with_one_model(data):
     for name, grad in grads_a.items():
         torch.testing.assert_close(grads_b[name], grad, atol=1e-5, rtol=1e-5, msg=name)
     precomputed = modules["precomputed"]
-    assert precomputed.reference is None
+    assert not isinstance(precomputed.reference, torch.nn.Module)  # no reference model held
     assert sum(p.numel() for p in precomputed.parameters()) == sum(p.numel() for p in precomputed.policy.parameters())
-    assert set(precomputed.reference_logps) == {"train", "val"}
-    assert precomputed.reference_logps["train"].shape == (len(data.train_set), 2)
+    assert set(precomputed.reference.tables) == {"train", "val"}
+    assert precomputed.reference.tables["train"].shape == (len(data.train_set), 2)
 
 
 def test_precomputed_cache_is_reused_and_keyed_by_data(data, tmp_path, monkeypatch):
@@ -101,11 +103,11 @@ def test_precomputed_cache_is_reused_and_keyed_by_data(data, tmp_path, monkeypat
     module.precompute_reference(data)
     files = sorted(tmp_path.glob("ref_logps-*.pt"))
     assert len(files) == 2  # train and validation
-    first = {k: v.clone() for k, v in module.reference_logps.items()}
-    monkeypatch.setattr(module, "_reference_pass_logps", lambda *a, **k: pytest.fail("recomputed despite the cache"))
+    first = {k: v.clone() for k, v in module.reference.tables.items()}
+    monkeypatch.setattr(reference_pass, "pass_logps", lambda *a, **k: pytest.fail("recomputed despite the cache"))
     module.precompute_reference(data)
     for split, table in first.items():
-        torch.testing.assert_close(module.reference_logps[split], table)
+        torch.testing.assert_close(module.reference.tables[split], table)
     data.train_set = data.train_set[:-1]  # other data -> another key -> a recompute
     with pytest.raises(pytest.fail.Exception):
         module.precompute_reference(data)
@@ -141,7 +143,7 @@ def test_reference_pass_sorted_larger_batches_equal_one_pair_at_a_time(data):
     module.precompute_reference(data)
     with torch.no_grad():
         alone = torch.stack([module._logps(module.policy, data.collate([p])) for p in data.train_set])  # (N, 2)
-    torch.testing.assert_close(module.reference_logps["train"], alone, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(module.reference.tables["train"], alone, atol=1e-4, rtol=1e-5)
 
 
 def test_precomputed_fit_checkpoints_the_table_and_resume_reuses_it(data, tmp_path):
@@ -154,19 +156,19 @@ def test_precomputed_fit_checkpoints_the_table_and_resume_reuses_it(data, tmp_pa
                             callbacks=[ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)])
     trainer.fit(module, data)
     ckpt = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=True)
-    torch.testing.assert_close(ckpt["reference_logps"]["train"], module.reference_logps["train"])
+    torch.testing.assert_close(ckpt["reference_logps"]["train"], module.reference.tables["train"])
     assert not any(k.startswith("reference.") for k in ckpt["state_dict"])
     fresh = DPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=data.tokenizer,
                       reference_mode="precomputed", cache_reference=False)
     fresh.on_load_checkpoint({})
     fresh._trainer = trainer  # global_step 2: the policy is no longer the reference
     with pytest.raises(RuntimeError, match="cannot be recomputed"):
-        fresh._reference_table("train")
+        fresh.reference.logprobs(lambda model: pytest.fail("a table runs no model"), torch.tensor([0]), "train")
 
 
 def test_named_reference_adapter_is_used(data):
-    """With reference_adapter set, the reference forward runs that adapter (here a copy of the policy's own, so the
-    implicit rewards are exactly 0); with None the adapter is disabled."""
+    """With a named reference adapter (``reference.use_adapter``), the reference forward runs that adapter (here a
+    copy of the policy's own, so the implicit rewards are exactly 0); before, the adapter is disabled."""
     module = _modules(data, ("disabled_adapter",), lora=True)["disabled_adapter"]
     module.policy.add_adapter("ema", module.policy.peft_config["default"])
     with torch.no_grad():
@@ -176,7 +178,7 @@ def test_named_reference_adapter_is_used(data):
     batch = data.collate(data.train_set[:4])
     _, metrics = module._step(batch, "train")
     assert metrics["rewards/chosen"].abs().max() > 1e-4
-    module.reference_adapter = "ema"
+    module.reference.use_adapter("ema")
     _, metrics = module._step(batch, "train")
     torch.testing.assert_close(metrics["rewards/chosen"], torch.zeros(4), atol=1e-6, rtol=0)
     assert module.policy.active_adapter == "default"

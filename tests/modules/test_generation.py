@@ -6,14 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from recipes.modules.generation import (
-    CACHE,
-    GrowingKVLayer,
-    draw_tokens,
-    filter_logits,
-    preallocated_cache,
-    sample,
-)
+from recipes.modules.generation import CACHE, GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
 from recipes.modules.policy import position_ids_from_mask
 from tests.conftest import TINY_LLAMA
 

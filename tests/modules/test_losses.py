@@ -3,14 +3,7 @@
 import pytest
 import torch
 
-from recipes.modules.losses import (
-    DPOLoss,
-    HingeLoss,
-    IPOLoss,
-    PairwiseRewardLoss,
-    PPOPolicyLoss,
-    PPOValueLoss,
-)
+from recipes.modules.losses import DPOLoss, HingeLoss, IPOLoss, PairwiseRewardLoss, PPOPolicyLoss, PPOValueLoss
 
 # Three pairs with h = (pi_c - ref_c) - (pi_r - ref_r) = 2, 0, -5.
 POLICY_CHOSEN = torch.tensor([-1.0, -2.0, -5.0])

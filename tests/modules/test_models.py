@@ -4,12 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recipes.modules.models import (
-    LoRASpec,
-    ModelSpec,
-    build_causal_lm,
-    count_parameters,
-)
+from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm, count_parameters
 from tests.conftest import TINY_LLAMA
 
 

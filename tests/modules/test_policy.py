@@ -5,12 +5,7 @@ import math
 import torch
 
 from recipes.modules.adapters import reference_context
-from recipes.modules.policy import (
-    completion_logprobs,
-    logprobs_from_logits,
-    position_ids_from_mask,
-    sequence_logprobs,
-)
+from recipes.modules.policy import completion_logprobs, logprobs_from_logits, position_ids_from_mask, sequence_logprobs
 
 
 def test_logprobs_from_logits_equals_log_softmax_gather():

@@ -15,10 +15,7 @@ from recipes.__main__ import cli_main
 from recipes.datamodules.prompts import PromptDataModule
 from recipes.modules.models import ModelSpec
 from recipes.modules.ppo import PPOModule
-from recipes.modules.reward_functions import (
-    CharacterFractionReward,
-    SequenceClassifierReward,
-)
+from recipes.modules.reward_functions import CharacterFractionReward, SequenceClassifierReward
 from recipes.modules.rl_utils import masked_mean, masked_var
 from recipes.modules.types import Generation
 from tests.conftest import REPO, TINY_LLAMA, quiet_trainer

@@ -1,5 +1,6 @@
 """PPOModule options: the LoRA policy as its own reference (adapter disabled, or the EMA adapter; one base model),
-the ``target_kl`` early stop counted in optimizer steps, and ``normalize_values`` against a hand computation."""
+the ``target_kl`` early stop counted in optimizer steps and in updates (typed `PPOStats`), and ``normalize_values``
+against a hand computation."""
 
 import statistics
 
@@ -12,7 +13,7 @@ from recipes.modules.models import LoRASpec, ModelSpec, build_causal_lm, is_peft
 from recipes.modules.policy import position_ids_from_mask
 from recipes.modules.ppo import PPOModule
 from recipes.modules.reward_functions import CharacterFractionReward
-from recipes.modules.types import Generation
+from recipes.modules.types import Generation, PPOStats, Trajectory
 from tests.conftest import TINY_LLAMA, quiet_trainer
 from tests.modules.test_ppo import FixedReward, make_module, prompt_batch
 
@@ -74,7 +75,7 @@ def assert_masked_close(actual, expected, mask):
 
 def test_lora_policy_is_its_own_reference_with_one_base_model(byte_tokenizer):
     module = lora_module(byte_tokenizer)
-    assert is_peft(module.policy) and module.reference is None
+    assert is_peft(module.policy) and not isinstance(module.reference, torch.nn.Module)
     base = build_causal_lm(ModelSpec(config=dict(TINY_LLAMA)), byte_tokenizer)
     numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert numel(module) == numel(base) + ADAPTER_NUMEL + numel(module.critic)  # no second base model
@@ -96,7 +97,7 @@ def test_lora_ema_reference_is_the_ema_adapter(byte_tokenizer):
     before = sum(p.numel() for p in module.parameters())
     quiet_trainer(max_steps=2, callbacks=[EMAReference(eta=0.5)]).fit(module, PromptDataModule(rollout_batch_size=4,
                                                                                               max_length=64))
-    assert module.reference_adapter == "ema_reference"
+    assert module.reference.adapter == "ema_reference"
     assert sum(p.numel() for p in module.parameters()) == before + ADAPTER_NUMEL
     module.trainer = None  # a rollout outside the fit loop: self.log becomes a no-op
     traj = module.rollout(prompt_batch(byte_tokenizer, ["first prompt", "b", "third one here"]))
@@ -129,6 +130,38 @@ def test_target_kl_stops_the_iteration(byte_tokenizer, target_kl, expected_steps
     assert trainer.callback_metrics["ppo/updates"] == expected_steps and trainer.global_step == 1
     if target_kl is not None:
         assert trainer.callback_metrics["ppo/approx_kl"] * expected_steps > target_kl  # the mean over the 2 steps
+
+
+@pytest.mark.parametrize("exceed_at, expected_updates, expected_epochs", [(None, 12, 3), (6, 6, 2), (4, 4, 1)])
+def test_target_kl_stops_after_the_first_update_above_it(byte_tokenizer, monkeypatch, exceed_at, expected_updates,
+                                                         expected_epochs):
+    """8 prompts in minibatches of 2 for 3 epochs: 4 updates per epoch, 12 in all. Each `_update` returns a
+    `PPOStats`; its ``approx_kl`` is then scripted to 0, except 1.0 at update ``exceed_at``, against a target of 0.5.
+    Update 6 is the second of epoch 2: nothing after it runs, and epoch 3 never draws its shuffle. Update 4 ends
+    epoch 1: no second epoch starts. ``ppo/updates`` is the count, ``ppo/approx_kl`` the mean, 1 / count."""
+    module = make_module(byte_tokenizer, max_new_tokens=4, ppo_epochs=3, mini_batch_size=2, target_kl=0.5)
+    update, returned = module._update, []
+
+    def scripted_update(minibatch, opts):
+        returned.append(update(minibatch, opts))
+        return returned[-1]._replace(approx_kl=1.0 if len(returned) == exceed_at else 0.0)
+
+    shuffles, minibatches = [], Trajectory.minibatches
+
+    def counted_minibatches(traj, size, generator=None):
+        shuffles.append(size)  # called when an epoch starts; its permutation is drawn at the first minibatch
+        return minibatches(traj, size, generator)
+
+    module._update = scripted_update
+    monkeypatch.setattr(Trajectory, "minibatches", counted_minibatches)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(module, PromptDataModule(rollout_batch_size=8, max_length=64))
+    assert len(returned) == expected_updates and all(type(stats) is PPOStats for stats in returned)
+    assert shuffles == [2] * expected_epochs
+    assert [optimizer_steps(opt) for opt in trainer.optimizers] == [expected_updates, expected_updates]
+    assert trainer.callback_metrics["ppo/updates"] == expected_updates and trainer.global_step == 1
+    expected_kl = (0.0 if exceed_at is None else 1.0) / expected_updates
+    assert float(trainer.callback_metrics["ppo/approx_kl"]) == pytest.approx(expected_kl)
 
 
 def critic_outputs(module, traj):

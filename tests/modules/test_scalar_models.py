@@ -4,12 +4,7 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from recipes.modules.models import LoRASpec, ModelSpec
-from recipes.modules.scalar_models import (
-    build_scalar_model,
-    last_token_index,
-    sequence_scores,
-    token_scores,
-)
+from recipes.modules.scalar_models import build_scalar_model, last_token_index, sequence_scores, token_scores
 from tests.conftest import TINY_LLAMA
 
 

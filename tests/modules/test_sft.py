@@ -76,8 +76,8 @@ def test_micro_batches_accumulated_equal_one_large_batch():
     mod_a.configure_model()
     mod_b, _ = _module_and_data(loss_reduction="sequence")
     mod_b.policy = __import__("copy").deepcopy(mod_a.policy)
-    batch = data._collate()(data.train_set[:4])
-    halves = [data._collate()(data.train_set[:2]), data._collate()(data.train_set[2:4])]
+    batch = data.collate(data.train_set[:4])
+    halves = [data.collate(data.train_set[:2]), data.collate(data.train_set[2:4])]
     mod_a._nll(batch)[0].backward()
     for half in halves:
         (mod_b._nll(half)[0] / 2).backward()

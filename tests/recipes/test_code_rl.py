@@ -12,12 +12,7 @@ import torch
 from recipes import code_eval
 from recipes.__main__ import cli_main
 from recipes.datamodules.code import load_problems
-from recipes.datamodules.code_synthesis import (
-    PROMPT,
-    code_sft_rows,
-    expression_problem,
-    synthesis_problems,
-)
+from recipes.datamodules.code_synthesis import PROMPT, code_sft_rows, expression_problem, synthesis_problems
 from recipes.datamodules.prompts import PromptDataModule
 from recipes.modules.code.execution import SandboxConfig
 from recipes.modules.code.host import sandbox_capabilities

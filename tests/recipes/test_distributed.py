@@ -82,7 +82,8 @@ def test_ddp_and_fsdp2_match_one_process(tmp_path):
 def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
     """LoRA under FSDP2 (frozen base weights and trainable adapters in the same units): 2 x 2 rows end where 1 x 4
     does, and the sharded model exports with the adapter merged (gathered, then
-    `recipes.modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged has
+    `recipes.modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged
+    has
     been trained (its B matrices, zero at init, are not)."""
     _skip_without_gloo()
     from transformers import AutoModelForCausalLM
@@ -104,7 +105,8 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
 @pytest.mark.slow
 def test_reward_model_ddp_and_fsdp2_match_one_process(tmp_path):
     """The reward model's pairwise loss is a per-pair mean: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2
-    (backbone layers and head sharded: `recipes.modules.sharding.fsdp2_shard_scalar`). Before the reward model was sharded,
+    (backbone layers and head sharded: `recipes.modules.sharding.fsdp2_shard_scalar`). Before the reward model was
+    sharded,
     each FSDP2 rank trained its own unsynchronized copy and the export differed from the checkpoint."""
     _skip_without_gloo()
     rm = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
@@ -163,7 +165,8 @@ def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
     from recipes.modules.tokenizer import load_tokenizer
     from tests.modules.test_ppo import _save_reward_model
 
-    reward = {"class_path": "recipes.modules.reward_functions.SequenceClassifierReward",  # FSDP2 shards it (DDP: a copy per rank)
+    # FSDP2 shards the reward model (DDP: a copy per rank)
+    reward = {"class_path": "recipes.modules.reward_functions.SequenceClassifierReward",
               "init_args": {"path": _save_reward_model(tmp_path / "rm", load_tokenizer("builtin:byte")),
                             "batch_size": 3}}
     ppo = ("--model.init_args.temperature", "0", "--model.init_args.mini_batch_size", "null",
@@ -182,8 +185,8 @@ def test_ppo_ddp_and_fsdp2_match_one_process_with_ema_reference(tmp_path):
 @pytest.mark.slow
 def test_ppo_lora_with_ema_adapter_under_fsdp2_matches_one_process(tmp_path):
     """LoRA PPO (policy and critic) with an EMA reference adapter: ``EMAReference`` plans its adapter
-    (`recipes.modules.adapters.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is sharded
-    like the policy's adapter and lerped on local shards. 2 x 4 prompts end where 1 x 8 does (merged exports, to
+    (`recipes.modules.adapters.plan_adapter`) and ``configure_model`` adds it before FSDP2 shards the policy, so it is
+    sharded like the policy's adapter and lerped on local shards. 2 x 4 prompts end where 1 x 8 does (merged exports, to
     5e-4), while a rollout of 4 prompts ends elsewhere; the sharded checkpoint exports (`python -m recipes.export`)
     to exactly what the run exported."""
     _skip_without_gloo()

@@ -14,21 +14,8 @@ import torch
 from recipes import config_path
 from recipes.study.report import findings, table_rows
 from recipes.study.runner import apply_sets, build_parser, gather_lists, plan_jobs
-from recipes.study.stages import (
-    deep_merge,
-    fill,
-    lightning_config,
-    resolve_stages,
-    stage_dependencies,
-)
-from recipes.study.testbed import (
-    GoldReward,
-    TestbedSpec,
-    Writer,
-    bradley_terry_pair,
-    build_testbed,
-    write_testbed,
-)
+from recipes.study.stages import deep_merge, fill, lightning_config, resolve_stages, stage_dependencies
+from recipes.study.testbed import GoldReward, TestbedSpec, Writer, bradley_terry_pair, build_testbed, write_testbed
 
 TINY_YAML = str(config_path("study/tiny.yaml"))
 

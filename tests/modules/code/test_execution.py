@@ -17,12 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from recipes.modules.code.execution import (
-    ExecutionJob,
-    SandboxConfig,
-    execute,
-    execute_many,
-)
+from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute, execute_many
 from recipes.modules.code.host import processes_of_uid, sandbox_capabilities
 from recipes.modules.code.problems import CodeProblem, evaluate_completions
 
@@ -210,3 +205,14 @@ def test_execute_many_keeps_order_and_runs_in_parallel():
     jobs = [ExecutionJob(f"print({i})") for i in range(6)]
     results = execute_many(jobs, FAST, n_workers=2, progress=False)
     assert [r.units[0].stdout for r in results] == [f"{i}\n" for i in range(6)]
+
+
+def test_default_hidden_folders_include_the_checkouts_parent():
+    """The repository's parent (data, canonical solutions, ../shared) stays hidden wherever the sandbox code sits in
+    the package: the checkout is found by walking up to pyproject.toml, not by a fixed depth below this file."""
+    from recipes.modules.code import execution
+
+    checkout = Path(__file__).resolve().parents[3]  # tests/modules/code/<this file> -> the checkout
+    assert (checkout / "pyproject.toml").is_file()
+    assert execution.checkout_root() == checkout
+    assert str(checkout.parent) in execution._default_hidden()

@@ -13,12 +13,7 @@ from recipes import code_eval as command
 from recipes.datamodules.code import load_problems
 from recipes.datamodules.io import DataFormatError
 from recipes.modules.code.execution import SandboxConfig
-from recipes.modules.code.problems import (
-    CodeProblem,
-    evaluate_completions,
-    stdout_matches,
-    values_match,
-)
+from recipes.modules.code.problems import CodeProblem, evaluate_completions, stdout_matches, values_match
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "code"
 REPO = Path(__file__).resolve().parents[3]
