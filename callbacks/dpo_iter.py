@@ -17,8 +17,8 @@ class DPOIterRound(Callback):
     """Iterative DPO (Xu et al. 2024, arXiv 2404.10719 Sec. 6): one epoch is one round; at each round start the
     reference is reset to the current policy, and it stays fixed during the round.
 
-    The round's pairs come from `recipes.datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks for
-    a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here). The reference is the
+    The round's pairs come from `recipes.datamodules.online_preference.OnlinePreferenceDataModule`, which Lightning asks
+    for a new loader every epoch (``trainer.reload_dataloaders_every_n_epochs: 1``, checked here). The reference is the
     module's own (``pl_module.reference``, a `recipes.modules.reference.Reference`); this callback only calls its
     ``reset_to(policy, datamodule)``, which in each mode of `recipes.modules.dpo.DPOModule` does:
 

@@ -70,8 +70,7 @@ def code_sft_rows(n: int = 4000, seed: int = 0, n_targets: int = N_TARGETS,
 def resolve_code_builtin(source: str) -> str:
     """Map ``builtin:code_sft`` to a JSONL file written once under the cache folder (as
     `recipes.datamodules.builtin.resolve_builtin` does for its sets); other sources pass through.
-    (``builtin:code_synthesis``
-    needs no file: `recipes.datamodules.code.load_problems` builds it.)"""
+    (``builtin:code_synthesis`` needs no file: `recipes.datamodules.code.load_problems` builds it.)"""
     if source != BUILTIN_SFT:
         return source
     path = cache_dir() / "code_sft.jsonl"

@@ -72,11 +72,9 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
 
     1. pick ``prompts_per_round`` prompts (a seeded shuffle of round ``r``: ``random.Random(seed + r)``);
     2. sample ``k`` responses to each with the module's policy (eval mode, KV cache,
-    `recipes.modules.generation.sample`)
-       from a generator whose state is checkpointed;
+       `recipes.modules.generation.sample`) from a generator whose state is checkpointed;
     3. score them with ``reward`` (any `recipes.modules.reward_functions.RewardFunction`: a reward-model folder, a
-    programmatic reward,
-       unit tests), and log the mean (``history[-1]["reward_mean"]``, the learning curve);
+       programmatic reward, unit tests), and log the mean (``history[-1]["reward_mean"]``, the learning curve);
     4. form pairs (`form_pairs`); equal rewards carry no preference and are dropped and counted.
 
     Resume: the round's pairs, its statistics and the generator state are in this module's ``state_dict`` (so in every

@@ -62,7 +62,8 @@ def ensure_adapter(policy: nn.Module, name: str) -> None:
         return
     if is_sharded(policy):
         raise RuntimeError(f"The sharded policy has no adapter '{name}': its LightningModule's configure_model must "
-                           "call recipes.modules.adapters.add_planned_adapters(self, policy) before it shards the policy.")
+                           "call recipes.modules.adapters.add_planned_adapters(self, policy) before it shards the "
+                           "policy.")
     add_frozen_adapter(policy, name)
 
 

@@ -91,8 +91,9 @@ class AlignmentModule(L.LightningModule):
             setattr(self, self.network_attr, self.build_network())
             if self.device_mesh is not None and not is_sharded(self.network):  # no DDP either: ranks would diverge
                 raise RuntimeError(f"{type(self).__name__}.build_network returned an unsharded network under "
-                                   "ModelParallelStrategy, which synchronizes nothing else: shard it with recipes.modules."
-                                   "sharding.fsdp2_shard (or fsdp2_shard_scalar) over self.device_mesh.")
+                                   "ModelParallelStrategy, which synchronizes nothing else: shard it with "
+                                   "recipes.modules.sharding.fsdp2_shard (or fsdp2_shard_scalar) over "
+                                   "self.device_mesh.")
 
     def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -56,7 +56,7 @@ class PPOModule(L.LightningModule):
         model: the policy (see `recipes.modules.models.ModelSpec`); built in ``configure_model``.
         critic: the value model; must read the policy's token ids (same tokenizer).
         reward: a `recipes.modules.reward_functions.RewardFunction` (``class_path``): a programmatic reward, or
-            `recipes.modules.reward_functions.SequenceClassifierReward` around a reward-model folder (re-tokenizes the texts).
+            `recipes.modules.reward_functions.SequenceClassifierReward` around a reward-model folder (re-tokenizes).
         tokenizer, max_length: linked from the data module by the CLI.
         optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic (schedulers step per iteration).
         max_new_tokens, temperature, top_k, top_p: sampling (``top_k=0`` and ``top_p=1`` disable those filters).
@@ -117,7 +117,8 @@ class PPOModule(L.LightningModule):
                                           "critic_scheduler", "policy_loss", "value_loss"])
         self.automatic_optimization = False
         if not isinstance(reward, RewardFunction):  # typed as a callable so YAML's class_path instantiates it
-            raise TypeError(f"reward must follow recipes.modules.reward_functions.RewardFunction, got {type(reward).__name__}.")
+            raise TypeError("reward must follow recipes.modules.reward_functions.RewardFunction, got "
+                            f"{type(reward).__name__}.")
         self.spec, self.critic_spec, self.tokenizer, self.reward_fn = model, critic, tokenizer, reward
         self.factories = (optimizer, critic_optimizer, scheduler, critic_scheduler)
         self.policy_loss = policy_loss if policy_loss is not None else PPOPolicyLoss(0.2)
@@ -167,7 +168,7 @@ class PPOModule(L.LightningModule):
     def rollout(self, batch: PromptBatch) -> Trajectory:
         """Turn a prompt batch into a `Trajectory`, in the numbered steps of an iteration (step 1 is the batch):
 
-        2. generate with a KV cache (`recipes.modules.generation.sample`, dropout off), ``generation_batch_size`` at a time;
+        2. generate with a KV cache (`generation.sample`, dropout off), ``generation_batch_size`` at a time;
         3. score the decoded texts with ``reward``; optionally standardize by running moments; clip; responses that
            did not end with EOS get ``missing_eos_penalty`` (`recipes.modules.ppo_rollout.score_responses`);
         4. old log-probs, reference log-probs and critic values of the response tokens; per-token rewards

@@ -20,8 +20,8 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
                      prompt_mask: Tensor, chunk: int, pad_token_id: int) -> Generation:
     """``sample_fn(ids, mask)`` on ``chunk`` prompts at a time, the responses right-padded to one width.
 
-    Under FSDP2 the policy's weights are gathered once for the whole loop (`recipes.modules.sharding.unsharded`), so each
-    rank stops sampling when its own rows are done. Shapes: prompts ``(B, P)``; the result's fields ``(B, R)``.
+    Under FSDP2 the policy's weights are gathered once for the whole loop (`recipes.modules.sharding.unsharded`), so
+    each rank stops sampling when its own rows are done. Shapes: prompts ``(B, P)``; the result's fields ``(B, R)``.
     """
     gens = []
     with unsharded(policy):

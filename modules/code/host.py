@@ -187,7 +187,8 @@ def lease_uid(base: int, count: int) -> Iterator[UidLease]:
 
 
 class ForkServer:
-    """One long-lived root harness process that forks a fresh H per job (see `recipes.modules.code.sandbox.forkserver.serve`).
+    """One long-lived root harness process that forks a fresh H per job (see
+    `recipes.modules.code.sandbox.forkserver.serve`).
 
     Requests are serialized by a lock (a round trip is a fork, ~1 ms); the server exits when this object's socket
     closes, i.e. when this process dies. `spawn` restarts a server that died once before giving up.

@@ -1,7 +1,7 @@
 """Unit-test reward for code (Xu et al. 2024, Sec. 6: 10 if the program passes every test, else 0).
 
-Satisfies `recipes.modules.reward_functions.RewardFunction`; PPO calls it in its rollout, DPO-Iter uses it to label
-pairs.
+Satisfies `recipes.modules.reward_functions.RewardFunction`; PPO calls it in its rollout, DPO-Iter labels
+pairs with it.
 """
 
 from __future__ import annotations

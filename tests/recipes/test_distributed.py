@@ -83,8 +83,7 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
     """LoRA under FSDP2 (frozen base weights and trainable adapters in the same units): 2 x 2 rows end where 1 x 4
     does, and the sharded model exports with the adapter merged (gathered, then
     `recipes.modules.export.merged_lora_state_dict`) into a plain folder that transformers loads; the adapter it merged
-    has
-    been trained (its B matrices, zero at init, are not)."""
+    has been trained (its B matrices, zero at init, are not)."""
     _skip_without_gloo()
     from transformers import AutoModelForCausalLM
 
@@ -106,8 +105,7 @@ def test_fsdp2_lora_matches_one_process_and_exports_merged(tmp_path):
 def test_reward_model_ddp_and_fsdp2_match_one_process(tmp_path):
     """The reward model's pairwise loss is a per-pair mean: 2 x 2 pairs end where 1 x 4 does under DDP and FSDP2
     (backbone layers and head sharded: `recipes.modules.sharding.fsdp2_shard_scalar`). Before the reward model was
-    sharded,
-    each FSDP2 rank trained its own unsynchronized copy and the export differed from the checkpoint."""
+    sharded, each FSDP2 rank trained its own unsynchronized copy and the export differed from the checkpoint."""
     _skip_without_gloo()
     rm = ("--data.init_args.max_rows", "120", "--trainer.gradient_clip_val", "null",
           "--model.init_args.scheduler.init_args.warmup_steps", "0")

@@ -1,5 +1,5 @@
-"""Child side of the sandbox: imported by ``python -I -S -c`` (see `recipes.modules.code.execution`), job spec on stdin
-(marshal).
+"""Child side of the sandbox: imported by ``python -I -S -c`` (see `recipes.modules.code.launch`), the job spec on
+stdin (marshal).
 
 Standard library only, imported from its cached bytecode (a script would be recompiled every launch); its libc calls
 and mount set-up are in `modules/code/sandbox/kernel.py`. Process tree:
