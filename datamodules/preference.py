@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import resolve_builtin
 from recipes.datamodules.collate import PreferenceExample, collate_preference, pad_prompt_response, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, load_records, require_text
 from recipes.datamodules.preference_sources import (
     PreferenceFormat,
     PreferenceText,
-    PromptMismatchError,
+    parse_rows,
     read_margin,
     to_preference,
 )
@@ -109,24 +109,16 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         hp = self.hparams
         path, records = self._records(source, split)
         pairs, margins, dropped = [], [], DropCounter(path)
-        for i, record in enumerate(records):
-            try:
-                pair = to_preference(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer)
-            except EmptyFieldError as e:
-                if not hp.drop_empty:
-                    raise
-                dropped.add(f"dropped: empty '{e.field}'")
-                continue
-            except PromptMismatchError:
-                if not hp.drop_prompt_mismatch:
-                    raise
-                dropped.add("dropped: chosen and rejected prompts differ")
-                continue
+
+        def parse(record: dict[str, Any], row: int) -> PreferenceText:
+            return to_preference(record, hp.source_format, hp.prompt_format, path, row, self.tokenizer)
+
+        for i, pair in parse_rows(records, parse, dropped, hp.drop_empty, hp.drop_prompt_mismatch):
             if pair.chosen == pair.rejected:
                 dropped.add("dropped: identical chosen and rejected")
                 continue
             pairs.append(pair)
-            margins.append(read_margin(record, hp.margin_field, path, i) if hp.margin_field else None)
+            margins.append(read_margin(records[i], hp.margin_field, path, i) if hp.margin_field else None)
         dropped.report(len(records))
         self.drop_counts = dict(dropped.items())
         if not pairs:

@@ -6,13 +6,13 @@ and generic ``{prompt, chosen, rejected}`` rows. Errors name the file, the row a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
 from recipes.datamodules.formats import HUMAN, PromptFormat, format_prompt, split_hh_dialogue
-from recipes.datamodules.io import DataFormatError, EmptyFieldError, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, require_text
 
 PreferenceFormat = Literal["hh", "saferlhf", "generic"]
 
@@ -135,3 +135,24 @@ def read_margin(record: Mapping[str, Any], field: str, source: str, row: int) ->
         raise DataFormatError(source, row, field, f"expected a number, got {value!r}",
                               "fill in the margin or unset margin_field")
     return float(value)
+
+
+def parse_rows(records: Sequence[Mapping[str, Any]], parse: Callable[[Mapping[str, Any], int], Any],
+               counter: DropCounter, drop_empty: bool, drop_prompt_mismatch: bool) -> Iterator[tuple[int, Any]]:
+    """``(row, parse(record, row))`` for every record. A row with an empty field (`EmptyFieldError`) or whose chosen
+    and rejected prompts differ (`PromptMismatchError`) raises, unless its drop flag is set: then it is counted in
+    ``counter`` and skipped."""
+    for row, record in enumerate(records):
+        try:
+            parsed = parse(record, row)
+        except EmptyFieldError as e:
+            if not drop_empty:
+                raise
+            counter.add(f"dropped: empty '{e.field}'")
+            continue
+        except PromptMismatchError:
+            if not drop_prompt_mismatch:
+                raise
+            counter.add("dropped: chosen and rejected prompts differ")
+            continue
+        yield row, parsed

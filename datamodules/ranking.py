@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import BUILTIN_PREFIX, resolve_builtin
 from recipes.datamodules.collate import RankingExample, collate_ranking, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
-from recipes.datamodules.preference_sources import PromptMismatchError, generic_pair, hh_pair
+from recipes.datamodules.io import DataFormatError, DropCounter, load_records, require_text
+from recipes.datamodules.preference_sources import generic_pair, hh_pair, parse_rows
 from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.datamodules.sampler import holdout_split
 from recipes.modules.cache import cache_dir
@@ -170,19 +170,11 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
             log.info("%s: using the first %d of %d rows (max_rows)", path, hp.max_rows, len(records))
             records = records[: hp.max_rows]
         counter, out = DropCounter(path), []
-        for i, record in enumerate(records):
-            try:
-                text = to_ranking(record, hp.source_format, hp.prompt_format, path, i, self.tokenizer)
-            except EmptyFieldError as e:
-                if not hp.drop_empty:
-                    raise
-                counter.add(f"dropped: empty '{e.field}'")
-                continue
-            except PromptMismatchError:
-                if not hp.drop_prompt_mismatch:
-                    raise
-                counter.add("dropped: chosen and rejected prompts differ")
-                continue
+
+        def parse(record: dict[str, Any], row: int) -> RankingText:
+            return to_ranking(record, hp.source_format, hp.prompt_format, path, row, self.tokenizer)
+
+        for _, text in parse_rows(records, parse, counter, hp.drop_empty, hp.drop_prompt_mismatch):
             if (text := sort_and_dedupe(text, counter)) is not None:
                 out.append(text)
         counter.report(len(records))
