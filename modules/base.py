@@ -3,6 +3,8 @@ factories, hyperparameters, the epoch-end metric logging, the Hugging Face expor
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import lightning as L
@@ -20,7 +22,29 @@ from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_sharded
 NOT_HPARAMS = ("tokenizer", "optimizer", "scheduler", "loss")
 
 
-class AlignmentModule(L.LightningModule):
+log = logging.getLogger(__name__)
+_OLD_CLASS = re.compile(r"The class '((?:modules|datamodules|callbacks)\.[\w.]+)' requested by the checkpoint")
+
+
+class ReadsOldCheckpoints:
+    """``load_from_checkpoint`` also of a checkpoint that rlhf-recipes 0.1's CLI wrote: it names the module's class by
+    its old path (``modules.sft.SFTModule``), which Lightning refuses; every 0.1 LightningModule kept its file and name,
+    so the class is read at the same path under the one import root (``recipes.modules.sft.SFTModule``)."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        except ValueError as error:
+            old = _OLD_CLASS.search(str(error))
+            if old is None or "_class_path" in kwargs:
+                raise
+            new = f"recipes.{old.group(1)}"
+            log.warning("%s: class path '%s' (rlhf-recipes 0.1) read as '%s'", checkpoint_path, old.group(1), new)
+            return super().load_from_checkpoint(checkpoint_path, *args, _class_path=new, **kwargs)
+
+
+class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
     """Base of `SFTModule`, `DPOModule`, `RewardModule` and `RankingModule`: one trained network built from a
     `recipes.modules.models.ModelSpec` in ``configure_model`` and held as ``self.<network_attr>``.
 

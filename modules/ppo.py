@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.adapters import add_planned_adapters
+from recipes.modules.base import ReadsOldCheckpoints
 from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, own_state, per_rank_state, world_size
 from recipes.modules.export import save_pretrained
 from recipes.modules.generation import response_logprobs, response_values, sample
@@ -32,7 +33,7 @@ from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, fsdp2_shard
 from recipes.modules.types import Generation, PPOStats, PromptBatch, Sample, Trajectory
 
 
-class PPOModule(L.LightningModule):
+class PPOModule(ReadsOldCheckpoints, L.LightningModule):
     """Proximal Policy Optimization of a causal LM against a reward (Schulman et al., arXiv 1707.06347, in the RLHF
     form of Ziegler et al., arXiv 1909.08593, with the three tricks of Xu et al., arXiv 2404.10719, Table 3).
 
@@ -146,8 +147,7 @@ class PPOModule(L.LightningModule):
         start, hp, n = time.perf_counter(), self.hparams, traj.input_ids.shape[0]
         opts, schedulers = self.optimizers(), self.lr_schedulers()
         opts = opts if isinstance(opts, list) else [opts]  # DeepSpeed: one optimizer (two parameter groups)
-        updates: list[PPOStats] = []
-        stop = False
+        updates, stop = [], False  # updates: the PPOStats of each minibatch update
         for epoch in range(hp.ppo_epochs):
             for minibatch in traj.minibatches(hp.mini_batch_size or n, self.rng()):  # this epoch's shuffle, drawn now
                 stats = self._update(minibatch, opts)

@@ -9,8 +9,8 @@ checkpoint loads: under ``torch.load(weights_only=True)`` (the default; Lightnin
 ``_class_path`` the 0.1 CLI saved under its new name. No top-level ``modules`` alias is installed (a user's own
 ``modules`` package must win), so what unpickles with ``weights_only=False`` cannot import an old class: DeepSpeed's
 conversion in ``recipes.export`` then fails naming the new path (`explain_unpickling`), other such loads with
-``No module named 'modules'``. ``SFTModule.load_from_checkpoint`` of a 0.1 CLI checkpoint is refused by Lightning for
-its old ``_class_path``; pass the new one: ``load_from_checkpoint(path, _class_path="recipes.modules.sft.SFTModule")``.
+``No module named 'modules'``. ``SFTModule.load_from_checkpoint`` (any of the project's LightningModules) of a 0.1 CLI
+checkpoint reads its old ``_class_path`` at the new path (`recipes.modules.base.ReadsOldCheckpoints`).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ loads, with the new path; a checkpoint pickled under the old names loads; the ol
 import dataclasses
 import importlib
 import json
+import logging
 import sys
 import types
 
@@ -234,3 +235,25 @@ def test_unpickling_an_old_class_without_weights_only_names_the_new_path(old_che
             raise
     assert str(error.value).startswith(f"{path}: written by rlhf-recipes 0.1, it pickles classes of 'modules.models', "
                                        "now 'recipes.modules.models' (rlhf-recipes 0.2 installs one package, recipes).")
+
+
+def test_old_cli_checkpoint_loads_through_load_from_checkpoint(tmp_path, caplog):
+    """``SFTModule.load_from_checkpoint`` of a 0.1 CLI checkpoint (``_class_path: modules.sft.SFTModule``, which
+    Lightning refuses as not imported) loads as ``recipes.modules.sft.SFTModule``, with a warning naming both."""
+    from recipes.modules.sft import SFTModule
+
+    common = ["--config", "yaml/tiny/sft.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+              "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path), "--data.init_args.max_rows",
+              "40", "--trainer.limit_val_batches", "1"]
+    cli = cli_main(["fit", *common, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
+    ckpt = tmp_path / "old.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    state["hyper_parameters"]["_class_path"] = "modules.sft.SFTModule"
+    torch.save(state, ckpt)
+    with caplog.at_level(logging.WARNING):
+        loaded = SFTModule.load_from_checkpoint(ckpt, weights_only=True, tokenizer=cli.model.tokenizer)
+    assert type(loaded) is SFTModule
+    for name, tensor in cli.model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert "class path 'modules.sft.SFTModule' (rlhf-recipes 0.1) read as 'recipes.modules.sft.SFTModule'" in caplog.text
