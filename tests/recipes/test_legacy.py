@@ -155,8 +155,8 @@ def test_checkpoint_hyperparameters_are_upgraded():
         "callbacks": [{"_class_path": "recipes.callbacks.ema_reference.EMAReference"}], "lr": 1.0}}
 
 
-def test_old_cli_checkpoint_feeds_validate(tmp_path, caplog):
-    """A checkpoint written by 0.1's CLI names its module ``modules.sft.SFTModule``: `validate` reads the new one."""
+def _old_cli_checkpoint(tmp_path):
+    """(the fit's CLI, a checkpoint of it as 0.1's CLI wrote it: ``_class_path: modules.sft.SFTModule``, its args)."""
     common = ["--config", "yaml/tiny/sft.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
               "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path), "--data.init_args.max_rows",
               "40", "--trainer.limit_val_batches", "1"]
@@ -167,6 +167,12 @@ def test_old_cli_checkpoint_feeds_validate(tmp_path, caplog):
     assert state["hyper_parameters"]["_class_path"] == "recipes.modules.sft.SFTModule"
     state["hyper_parameters"]["_class_path"] = "modules.sft.SFTModule"
     torch.save(state, ckpt)
+    return cli, ckpt, common
+
+
+def test_old_cli_checkpoint_feeds_validate(tmp_path, caplog):
+    """A checkpoint written by 0.1's CLI names its module ``modules.sft.SFTModule``: `validate` reads the new one."""
+    _, ckpt, common = _old_cli_checkpoint(tmp_path)
     metrics = cli_main(["validate", *common, "--ckpt_path", str(ckpt)]).trainer.callback_metrics
     assert torch.isfinite(metrics["val/loss"])
     assert f"--ckpt_path {ckpt}: class_path 'modules.sft.SFTModule' read as 'recipes.modules.sft.SFTModule'" in caplog.text
@@ -242,15 +248,7 @@ def test_old_cli_checkpoint_loads_through_load_from_checkpoint(tmp_path, caplog)
     Lightning refuses as not imported) loads as ``recipes.modules.sft.SFTModule``, with a warning naming both."""
     from recipes.modules.sft import SFTModule
 
-    common = ["--config", "yaml/tiny/sft.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-              "--trainer.callbacks", "[]", "--trainer.default_root_dir", str(tmp_path), "--data.init_args.max_rows",
-              "40", "--trainer.limit_val_batches", "1"]
-    cli = cli_main(["fit", *common, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1"])
-    ckpt = tmp_path / "old.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
-    state = torch.load(ckpt, weights_only=True)
-    state["hyper_parameters"]["_class_path"] = "modules.sft.SFTModule"
-    torch.save(state, ckpt)
+    cli, ckpt, _ = _old_cli_checkpoint(tmp_path)
     with caplog.at_level(logging.WARNING):
         loaded = SFTModule.load_from_checkpoint(ckpt, weights_only=True, tokenizer=cli.model.tokenizer)
     assert type(loaded) is SFTModule
