@@ -18,7 +18,7 @@ from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
 from recipes.modules.optim import adamw
 from recipes.modules.policy import completion_logprobs, sequence_logprobs
 from recipes.modules.reference import AdapterReference, FrozenCopy, PrecomputedTable, Reference
-from recipes.modules.reference_pass import ReferencePass, model_fingerprint, precompute_tables
+from recipes.modules.reference_pass import ReferencePass, precompute_tables
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_partitioned
 
 ReferenceMode = Literal["auto", "frozen_copy", "disabled_adapter", "precomputed"]
@@ -174,10 +174,6 @@ class DPOModule(AlignmentModule):
                                f"{trainer.global_step} steps (a checkpoint from another mode?); the policy is no "
                                "longer the reference, so they cannot be recomputed. Start from the initial model.")
         return self.policy, getattr(trainer, "datamodule", None)
-
-    def _model_fingerprint(self) -> str:
-        """The model half of the cache key (`recipes.modules.reference_pass.model_fingerprint`); a collective."""
-        return model_fingerprint(self.policy, self.hparams.average_logprobs, getattr(self._trainer, "precision", None))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if isinstance(self.reference, PrecomputedTable) and self.reference.tables:

@@ -54,12 +54,12 @@ def precompute_tables(policy: nn.Module, data: Any, settings: ReferencePass, tra
                            "and batch_size (recipes.datamodules.preference.PreferenceDataModule).")
     device = device if device is not None else next(policy.parameters()).device
     was_training, tables = policy.training, {}
+    model_key = model_fingerprint(policy, settings.average, getattr(trainer, "precision", None))  # once: a collective
     policy.eval()  # no dropout in the reference pass
     try:
         for split, examples in (("train", data.train_set), ("val", data.val_set)):
             if examples:
-                precision = getattr(trainer, "precision", None)
-                key = f"{model_fingerprint(policy, settings.average, precision)}-{fingerprint(examples)}"
+                key = f"{model_key}-{fingerprint(examples)}"
                 tables[split] = load_or_compute(policy, key, examples, data.collate, data.batch_size, settings,
                                                 trainer, device)
     finally:

@@ -137,6 +137,7 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
     from recipes.modules.dpo import DPOModule
     from recipes.modules.export import save_pretrained
     from recipes.modules.models import ModelSpec, build_causal_lm
+    from recipes.modules.reference_pass import model_fingerprint
     from recipes.modules.tokenizer import load_tokenizer
     from tests.conftest import TINY_LLAMA
 
@@ -164,11 +165,7 @@ def test_zero3_init_loads_pretrained_weights_into_partitions(tmp_path):
                 # a random init with a tokenizer's pad id: transformers zeroes the padding row, which on an empty
                 # placeholder failed until build_causal_lm told transformers that ZeRO-3 is on
                 other = build_causal_lm(ModelSpec(config=dict(TINY_LLAMA)), load_tokenizer("builtin:byte"))
-            keys = []
-            for policy in (model, same, other):
-                module = DPOModule(model=ModelSpec(config=dict(TINY_LLAMA, vocab_size=64)))
-                module.policy = policy
-                keys.append(module._model_fingerprint())
+            keys = [model_fingerprint(policy) for policy in (model, same, other)]
             assert keys[0] == keys[1] != keys[2]
             # the HF export gathers the partitions one weight at a time (a plain save would write the placeholders)
             save_pretrained(model, None, str(tmp_path / "export"))
