@@ -57,11 +57,12 @@ def build_scalar_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase | Non
         lora = spec.lora
         model = get_peft_model(model, LoraConfig(
             task_type="SEQ_CLS", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or [_head_name(model)]))
+            target_modules=lora.target_modules, modules_to_save=lora.modules_to_save or [head_name(model)]))
     return model
 
 
-def _head_name(model: nn.Module) -> str:
+def head_name(model: nn.Module) -> str:
+    """The attribute name of a sequence-classification model's scalar head (score, classifier or v_head)."""
     hf = model.get_base_model() if is_peft(model) else model
     for name in ("score", "classifier", "v_head"):
         if hasattr(hf, name):
@@ -75,7 +76,7 @@ def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
     backbone = getattr(hf, hf.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    head = getattr(hf, _head_name(model))
+    head = getattr(hf, head_name(model))
     return head(hidden).squeeze(-1).float()
 
 

@@ -150,13 +150,13 @@ def fsdp2_shard_scalar(model: nn.Module, device_mesh: object | None, param_dtype
     from torch.distributed.fsdp import fully_shard
 
     from recipes.modules.models import is_peft
-    from recipes.modules.scalar_models import _head_name
+    from recipes.modules.scalar_models import head_name
     from recipes.modules.sharding import fsdp2_mesh_and_policy, fsdp2_shard
 
     hf = model.get_base_model() if is_peft(model) else model
     fsdp2_shard(getattr(hf, hf.base_model_prefix), device_mesh, param_dtype)
     mesh, policy = fsdp2_mesh_and_policy(device_mesh, param_dtype)
-    fully_shard(getattr(hf, _head_name(model)), mesh=mesh, mp_policy=policy)
+    fully_shard(getattr(hf, head_name(model)), mesh=mesh, mp_policy=policy)
     return model
 
 

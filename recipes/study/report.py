@@ -1,173 +1,333 @@
-"""The study's report: one row per method and seed (gold reward, learned reward, KL to SFT, win-rate against SFT by
-gold reward, response shape), mean ± std across seeds, the paper's findings checked seed by seed, and PNG plots."""
+"""The study's report: a tidy row per track × method × seed (gold reward, KL to the track's SFT policy, learned
+reward, win-rate against SFT, response shape), each method's frontier of gold against KL with its value at matched
+KLs, the reward models against their Bayes accuracy, every `recipes.study.findings.Finding` judged on paired per-seed
+differences, PNG plots, and the same report written into docs/study.md between its markers."""
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from recipes.evaluate.metrics import win_tie_loss
+from recipes.study.findings import format_estimate, gold_at_kl, judge, paired_stats, per_seed_values
 
-COLUMNS = ("gold", "learned_reward", "kl", "win_rate", "foreign_frac", "too_long", "length", "eos_rate")
-HEADERS = {"gold": "gold reward", "learned_reward": "learned reward", "kl": "KL to SFT", "win_rate": "win-rate vs SFT",
-           "foreign_frac": "foreign chars", "too_long": "too long", "length": "length", "eos_rate": "EOS rate"}
-# The paper's findings as (name, the stages each compares, a test on their gold rewards).
-FINDINGS = (
-    ("PPO >= DPO-Iter > DPO", ("ppo_ema", "dpo_iter", "dpo"), lambda p, i, d: p >= i > d),
-    ("+adv. norm does not hurt", ("ppo_advnorm", "ppo_base"), lambda a, b: a >= b),
-    ("+large batch does not hurt", ("ppo_largebatch", "ppo_advnorm"), lambda a, b: a >= b),
-    ("+EMA ref. does not hurt", ("ppo_ema", "ppo_largebatch"), lambda a, b: a >= b),
-    ("full ladder > PPO base", ("ppo_ema", "ppo_base"), lambda a, b: a > b),
-    ("SFT-on-preferred narrows DPO's gap", ("dpo_sft_preferred", "dpo"), lambda a, b: a > b),
-)
+COLUMNS = ("gold", "kl", "learned_reward", "win_rate", "out_of_support", "too_long", "foreign_frac", "good_frac",
+           "length")
+HEADERS = {"gold": "gold reward", "kl": "KL to SFT", "learned_reward": "learned reward", "win_rate": "win-rate vs SFT",
+           "out_of_support": "out of support", "too_long": "too long", "foreign_frac": "foreign chars",
+           "good_frac": "good letters", "length": "length"}
+MATCHED_KLS = (1.0, 2.0, 4.0)
+OPTIMUM = "KL-regularised optimum (IS)"
+BEGIN, END = "<!-- study:begin (written by recipes.study.report; do not edit) -->", "<!-- study:end -->"
+PLOTS = ("study_gold_vs_kl.png", "study_reward_curves.png", "study_out_of_support.png")
 
 
-def table_rows(evals: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (seed, method) in ``order``; the win-rate compares per-prompt gold with the seed's SFT row
+def policy_stages(stages: Mapping[str, Mapping[str, Any]], track: str) -> list[str]:
+    """The track's evaluated policies in config order."""
+    return [n for n, e in stages.items() if e["track"] == track and e["role"] == "policy"]
+
+
+def table_rows(evals: Sequence[dict[str, Any]], stages: Mapping[str, Mapping[str, Any]],
+               tracks: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One tidy row per (track, seed, policy stage): ``track, method`` (the stage's label), ``stage, seed`` and
+    `COLUMNS`; the win-rate compares per-prompt gold with the track's SFT row of the seed
     (`recipes.evaluate.metrics.win_tie_loss`, ties count half)."""
-    by_key = {(e["seed"], e["stage"]): e for e in evals}
+    by_key = {(e["seed"], e["stage"]): e for e in evals if "gold" in e}
     rows = []
-    for seed in sorted({e["seed"] for e in evals}):
-        sft = by_key.get((seed, "sft"))
-        for stage in order:
-            e = by_key.get((seed, stage))
-            if e is None:
-                continue
-            row = {"seed": seed, "method": stage, "label": e["label"]}
-            row.update({k: e[k] for k in COLUMNS if k != "win_rate"})
-            row["win_rate"] = (win_tie_loss(torch.tensor(e["per_prompt_gold"]),
-                                            torch.tensor(sft["per_prompt_gold"])).win_rate if sft else float("nan"))
-            rows.append(row)
+    for t, track in tracks.items():
+        for seed in sorted({e["seed"] for e in evals}):
+            sft = by_key.get((seed, track.sft))
+            for stage in policy_stages(stages, t):
+                e = by_key.get((seed, stage))
+                if e is None:
+                    continue
+                row = {"track": t, "method": stages[stage]["label"], "stage": stage, "seed": seed}
+                row.update({k: float(e.get(k, math.nan)) for k in COLUMNS if k != "win_rate"})
+                row["win_rate"] = (win_tie_loss(torch.tensor(e["per_prompt_gold"]),
+                                                torch.tensor(sft["per_prompt_gold"])).win_rate if sft else math.nan)
+                rows.append(row)
     return rows
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
+def frontier_points(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]],
+                    stages: Mapping[str, Mapping[str, Any]], tracks: Mapping[str, Any]
+                    ) -> dict[str, dict[tuple[int, str], list[tuple[float, float]]]]:
+    """Per track, ``(seed, frontier name) -> [(kl, gold), ...]``: the stages that name the frontier plus the SFT
+    policy at KL 0, and the KL-regularised optimum (from the SFT evaluation) under `OPTIMUM`."""
+    out: dict[str, dict[tuple[int, str], list[tuple[float, float]]]] = {t: {} for t in tracks}
+    sft_gold = {(r["track"], r["seed"]): r["gold"] for r in rows if r["stage"] == tracks[r["track"]].sft}
+    for r in rows:
+        name = stages[r["stage"]].get("frontier")
+        if name and (r["track"], r["seed"]) in sft_gold:
+            pts = out[r["track"]].setdefault((r["seed"], name), [(0.0, sft_gold[(r["track"], r["seed"])])])
+            pts.append((r["kl"], r["gold"]))
+    for e in evals:
+        if e.get("optimum") and e["track"] in tracks and (e["track"], e["seed"]) in sft_gold:
+            out[e["track"]][(e["seed"], OPTIMUM)] = [(0.0, sft_gold[(e["track"], e["seed"])])] + [
+                (p["kl"], p["gold"]) for p in e["optimum"]]
+    return out
+
+
+def judge_findings(findings: Sequence[Any], rows: Sequence[dict[str, Any]],
+                   fronts: Mapping[str, Mapping[tuple[int, str], list[tuple[float, float]]]],
+                   seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """Each finding's per-seed values, mean, standard error and verdict (`recipes.study.findings.judge`); a finding
+    whose stages were not run is reported with no value ("—")."""
+    out = []
+    for f in findings:
+        metric = {(r["seed"], r["stage"]): r[f.metric] for r in rows if r["track"] == f.track and f.metric in r}
+        values = per_seed_values(f, metric, fronts.get(f.track, {}), seeds)
+        mean, se, n = paired_stats(list(values.values()))
+        out.append({"finding": f.name, "track": f.track, "per_seed": values, "mean": mean, "se": se, "n": n,
+                    "verdict": judge(mean, se, n, f.claim, f.delta) if n else "not run", "claim": f.claim,
+                    "delta": f.delta, "note": f.note, "metric": f.metric, "at_kl": f.at_kl})
+    return out
+
+
+def _estimate(values: Sequence[float]) -> str:
+    return format_estimate(*paired_stats([v for v in values if not math.isnan(v)]))
+
+
+def reward_rows(evals: Sequence[dict[str, Any]], stages: Mapping[str, Mapping[str, Any]], track: str) -> list[str]:
+    """Markdown rows of the track's reward models: accuracy against the held-out labels beside Bayes accuracy, and
+    against the gold reward on held-out pairs and on pairs of SFT samples."""
+    lines = []
+    for stage in (n for n, e in stages.items() if e["track"] == track and e["role"] == "reward"):
+        mine = [e for e in evals if e["stage"] == stage and "accuracy" in e]
+        if not mine:
+            continue
+        cells = [_estimate([e[k] for e in mine]) for k in ("accuracy", "bayes_accuracy", "gold_accuracy",
+                                                           "sft_gold_accuracy")]
+        gap = _estimate([e["bayes_accuracy"] - e["accuracy"] for e in mine])
+        scale = _estimate([e.get("standardization", {}).get("scale", math.nan) for e in mine])
+        lines.append(f"| {stages[stage]['label']} | " + " | ".join(cells) + f" | {gap} | {scale} |")
+    return lines
+
+
+def markdown(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], study: Mapping[str, Any],
+             judged: Sequence[dict[str, Any]], fronts: Mapping[str, Any], wall_seconds: float = 0.0,
+             img: str = "") -> str:
+    """The report as markdown: verdicts, then per track its methods, reward models, matched-KL table and probes,
+    then every per-seed row; ``img`` prefixes the plot paths."""
+    seeds, tracks, stages = study["seeds"], study["tracks"], study["stages"]
+    lines = [f"Study over {len(seeds)} seed(s) {seeds}; each cell is the mean ± standard error over seeds"
+             + (f"; wall time {wall_seconds / 60:.1f} min" if wall_seconds else "") + ".",
+             f"Command: `{study['command']}`", "",
+             "Tracks: " + "; ".join(f"**{t}**, {tr.title}" for t, tr in tracks.items() if any(
+                 r["track"] == t for r in rows)) + ".", "", "### Findings", "",
+             "Each value is the paired per-seed difference (its contrast), mean ± SE. *reproduced*: mean − 2 SE > 0 "
+             "(for an *equivalent* claim: mean ± 2 SE inside ±δ); *not reproduced*: mean + 2 SE < δ (equivalent: "
+             "|mean| − 2 SE ≥ δ); otherwise *inconclusive*; one seed gives no verdict.", "",
+             "| finding | track | value (mean ± SE) | δ | seeds | verdict | control / reading |",
+             "|---|---|---|---|---|---|---|"]
+    for j in judged:
+        where = f"gold at KL {j['at_kl']:g}" if j["at_kl"] is not None else j["metric"]
+        lines.append(f"| {j['finding']} | {j['track']} | {format_estimate(j['mean'], j['se'], j['n'])} ({where}) | "
+                     f"{j['delta']:g} | {j['n']} | {j['verdict']} | {j['note']} |")
+    for t, track in tracks.items():
+        mine = [r for r in rows if r["track"] == t]
+        if not mine:
+            continue
+        sft = [r["gold"] for r in mine if r["stage"] == track.sft]
+        best = max(policy_stages(stages, t), key=lambda s: _mean([r["gold"] for r in mine if r["stage"] == s]))
+        lift = [r["gold"] - s for r, s in zip(sorted((r for r in mine if r["stage"] == best), key=lambda r: r["seed"]),
+                                               sft)]
+        lines += ["", f"### Track {t}: {track.title}", "",
+                  f"Best method on held-out gold: {stages[best]['label']}, {_estimate(lift)} above SFT.", "",
+                  "| method | " + " | ".join(HEADERS[c] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+        for stage in policy_stages(stages, t):
+            r_s = [r for r in mine if r["stage"] == stage]
+            if r_s:
+                lines.append(f"| {stages[stage]['label']} | " + " | ".join(
+                    _estimate([r[c] for r in r_s]) for c in COLUMNS) + " |")
+        rm = reward_rows(evals, stages, t)
+        if rm:
+            lines += ["", "Reward models (held-out pairs; gold accuracy leaves gold ties out; scale: the "
+                      "standardization onto gold's units on SFT samples):", "",
+                      "| reward model | accuracy | Bayes accuracy | gold accuracy | gold accuracy on SFT samples | "
+                      "Bayes − accuracy | scale |", "|---|---|---|---|---|---|---|", *rm]
+        names = sorted({name for (_, name) in fronts.get(t, {})}, key=lambda n: (n == OPTIMUM, n))
+        if names:
+            lines += ["", "Gold reward at matched KL to SFT (each frontier interpolated seed by seed through its "
+                      "points and SFT at KL 0; — where a seed's frontier does not reach that KL):", "",
+                      "| frontier | " + " | ".join(f"gold at KL {k:g}" for k in MATCHED_KLS) + " |",
+                      "|---" * (len(MATCHED_KLS) + 1) + "|"]
+            for name in names:
+                cells = []
+                for k in MATCHED_KLS:
+                    vals = [gold_at_kl(pts, k) for (s, n), pts in fronts[t].items() if n == name]
+                    cells.append(_estimate(vals) if vals and None not in vals else "—")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        probes = [p for e in evals if e.get("track") == t for p in e.get("probes", [])]
+        if probes:
+            lines += ["", "The learned reward model on hand-made held-out responses (in and out of the pairs' "
+                      "support):", "", "| response | learned reward | gold reward |", "|---|---|---|"]
+            for name in dict.fromkeys(p["probe"] for p in probes):
+                ps = [p for p in probes if p["probe"] == name]
+                lines.append(f"| {name} | {_estimate([p['learned_reward'] for p in ps])} | "
+                             f"{_estimate([p['gold'] for p in ps])} |")
+    if img is not None:
+        lines += ["", "### Plots", ""] + [f"![{p.removesuffix('.png')}]({img}{p})" for p in PLOTS]
+    lines += ["", "### Every run (the rows of results.csv)", "", "| track | seed | method | " + " | ".join(
+        HEADERS[c] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for r in sorted(rows, key=lambda r: (r["track"], r["seed"])):
+        lines.append(f"| {r['track']} | {r['seed']} | {r['method']} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS)
+                     + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else -math.inf
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0)
 
 
-def findings(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each paper finding checked per seed on held-out gold reward: ``{finding, stages, per_seed: {seed: bool},
-    holds, of}``; findings whose stages were not run are left out."""
-    gold = {(r["seed"], r["method"]): r["gold"] for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
-    out = []
-    for name, stages, test in FINDINGS:
-        if not all((seeds[0], s) in gold for s in stages):
-            continue
-        per_seed = {seed: bool(test(*(gold[(seed, s)] for s in stages))) for seed in seeds}
-        out.append({"finding": name, "stages": stages, "per_seed": per_seed, "holds": sum(per_seed.values()),
-                    "of": len(seeds)})
-    return out
-
-
-def markdown(rows: Sequence[dict[str, Any]], order: Sequence[str], checks: Sequence[dict[str, Any]],
-             wall_seconds: float) -> str:
-    """The summary table (mean ± std over seeds), the per-seed table and the findings, as markdown."""
-    seeds = sorted({r["seed"] for r in rows})
-    head = "| method | " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
-    rule = "|---" * (len(COLUMNS) + 1) + "|"
-    lines = [f"Held-out gold reward and the rest over {len(seeds)} seed(s) {seeds}: mean ± std "
-             + (f"(wall time {wall_seconds / 60:.1f} min)." if wall_seconds else ""), "", head, rule]
-    for stage in order:
-        mine = [r for r in rows if r["method"] == stage]
-        if mine:
-            cells = [f"{m:.3f} ± {s:.3f}" for m, s in (mean_std([r[c] for r in mine]) for c in COLUMNS)]
-            lines.append(f"| {mine[0]['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "Per seed:", "", "| seed | " + head[2:], "|---" + rule]
-    for r in rows:
-        lines.append(f"| {r['seed']} | {r['label']} | " + " | ".join(f"{r[c]:.3f}" for c in COLUMNS) + " |")
-    if checks:
-        lines += ["", "The paper's findings on held-out gold reward, seed by seed:", "",
-                  "| finding | holds in | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-                  "|---|---" + "|---" * len(seeds) + "|"]
-        for c in checks:
-            marks = " | ".join("yes" if c["per_seed"][s] else "no" for s in seeds)
-            lines.append(f"| {c['finding']} | {c['holds']}/{c['of']} | {marks} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], order: Sequence[str], out: Path) -> list[str]:
-    """``study_gold_vs_kl.png`` (each seed a small marker, the mean a large one) and ``study_reward_curves.png``
-    (held-out gold reward over training steps, mean over seeds; DPO family and PPO ladder side by side)."""
+def plot(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], study: Mapping[str, Any],
+         fronts: Mapping[str, Any], out: Path) -> list[str]:
+    """`PLOTS`: gold against KL per track (each frontier a line through its mean points with SE bars, the other
+    methods as points, SFT and the KL-regularised optimum as reference lines); held-out gold over training per track
+    and family (mean with the seeds' spread shaded); the out-of-support share of every method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {stage: plt.get_cmap("tab10")(i % 10) for i, stage in enumerate(order)}
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for stage in order:
-        mine = [r for r in rows if r["method"] == stage]
-        if not mine:
-            continue
-        ax.scatter([r["kl"] for r in mine], [r["gold"] for r in mine], s=14, alpha=0.5, color=colors[stage])
-        ax.scatter([mean_std([r["kl"] for r in mine])[0]], [mean_std([r["gold"] for r in mine])[0]], s=90,
-                   color=colors[stage], edgecolor="black", label=mine[0]["label"])
-    ax.set_xlabel("KL(policy || SFT) on held-out prompts (nats per response)")
-    ax.set_ylabel("gold reward on held-out prompts")
-    ax.set_title("Gold reward against KL to the SFT policy")
-    ax.legend(fontsize=7)
+    tracks, stages = [t for t in study["tracks"] if any(r["track"] == t for r in rows)], study["stages"]
+    colors = {s: plt.get_cmap("tab20")(i % 20) for i, s in enumerate(stages)}
+    fam_colors = {}
+
+    def mean_se(vals: Sequence[float]) -> tuple[float, float]:
+        m, se, _ = paired_stats(vals)
+        return m, (0.0 if math.isnan(se) else se)
+
+    fig, axes = plt.subplots(1, len(tracks), figsize=(6.5 * len(tracks), 6.8), squeeze=False)
+    for ax, t in zip(axes[0], tracks):
+        mine = [r for r in rows if r["track"] == t]
+        sft = mean_se([r["gold"] for r in mine if r["stage"] == study["tracks"][t].sft])[0]
+        ax.axhline(sft, color="gray", ls="--", lw=1, label="SFT")
+        names = sorted({n for (_, n) in fronts.get(t, {})})
+        for i, name in enumerate(names):
+            seeds_pts = [pts for (s, n), pts in fronts[t].items() if n == name]
+            width = min(len(p) for p in seeds_pts)  # point i is the same stage (or beta) on every seed
+            means = sorted((mean_se([p[i][0] for p in seeds_pts]), mean_se([p[i][1] for p in seeds_pts]))
+                           for i in range(width))
+            xs, ys = [x for x, _ in means], [y for _, y in means]
+            style = dict(color="black", ls=":", marker="") if name == OPTIMUM else dict(
+                color=fam_colors.setdefault(name, plt.get_cmap("Set1")(len(fam_colors))), marker="o")
+            ax.errorbar([x for x, _ in xs], [y for y, _ in ys], xerr=[e for _, e in xs], yerr=[e for _, e in ys],
+                        capsize=2, lw=1.5, ms=4, label=f"{name} (frontier)", **style)
+        for stage in policy_stages(stages, t):
+            if stages[stage].get("frontier") or stage == study["tracks"][t].sft:
+                continue
+            r_s = [r for r in mine if r["stage"] == stage]
+            if r_s:
+                (x, xe), (y, ye) = mean_se([r["kl"] for r in r_s]), mean_se([r["gold"] for r in r_s])
+                ax.errorbar([x], [y], xerr=[xe], yerr=[ye], fmt="s", ms=6, capsize=2, color=colors[stage],
+                            label=stages[stage]["label"])
+        ax.set_xlabel("KL(policy || SFT) on held-out prompts (nats per response)")
+        ax.set_ylabel("held-out gold reward")
+        ax.set_title(f"Track {t}: {short_title(study['tracks'][t].title)}", fontsize=9)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     fig.tight_layout()
-    paths = [str(out / "study_gold_vs_kl.png")]
+    paths = [str(out / PLOTS[0])]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for stage in order:
-        curves = [e["curve"] for e in evals if e["stage"] == stage and e.get("curve")]
-        if not curves:
-            continue
-        steps = sorted({p["step"] for c in curves for p in c})
-        means = [mean_std([p["gold"] for c in curves for p in c if p["step"] == s])[0] for s in steps]
-        ax = axes[1] if stage.startswith("ppo") else axes[0]
-        label = next(e["label"] for e in evals if e["stage"] == stage)
-        ax.plot(steps, means, marker=".", color=colors[stage], label=label)
-    axes[0].set_title("DPO family (optimizer steps)")
-    axes[1].set_title("PPO ladder (PPO iterations)")
-    for ax in axes:
-        ax.set_xlabel("training step")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("held-out gold reward (mean over seeds)")
+
+    fig, axes = plt.subplots(len(tracks), 2, figsize=(12, 3.8 * len(tracks)), squeeze=False)
+    for row_axes, t in zip(axes, tracks):
+        for stage in policy_stages(stages, t):
+            if stage == study["tracks"][t].sft:
+                continue  # its curve starts from a random model: it would set the scale
+            curves = [e["curve"] for e in evals if e["stage"] == stage and e.get("curve")]
+            if not curves:
+                continue
+            ppo = "ppo" in str(stages[stage]["config"].get("model", {}).get("class_path", "")).lower()
+            ax = row_axes[1 if ppo else 0]
+            steps = sorted({p["step"] for c in curves for p in c})
+            stats = [_mean_std([p["gold"] for c in curves for p in c if p["step"] == s]) for s in steps]
+            m = [a for a, _ in stats]
+            ax.plot(steps, m, color=colors[stage], label=stages[stage]["label"], lw=1.2)
+            if len(curves) > 1:
+                ax.fill_between(steps, [a - b for a, b in stats], [a + b for a, b in stats], color=colors[stage],
+                                alpha=0.15)
+        for ax in row_axes:
+            ax.axhline(_mean([r["gold"] for r in rows if r["stage"] == study["tracks"][t].sft]), color="gray", ls="--",
+                       lw=1, label="SFT")
+        row_axes[0].set_title(f"Track {t}: DPO family (optimizer steps)", fontsize=9)
+        row_axes[1].set_title(f"Track {t}: PPO (iterations)", fontsize=9)
+        for ax in row_axes:
+            ax.set_xlabel("training step")
+            ax.set_ylabel("held-out gold (mean ± std over seeds)")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6)
     fig.tight_layout()
-    paths.append(str(out / "study_reward_curves.png"))
+    paths.append(str(out / PLOTS[1]))
     fig.savefig(paths[1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tracks), figsize=(6.5 * len(tracks), 4.2), squeeze=False)
+    for ax, t in zip(axes[0], tracks):
+        names = [s for s in policy_stages(stages, t) if any(r["stage"] == s for r in rows)]
+        stats = [mean_se([r["out_of_support"] for r in rows if r["stage"] == s]) for s in names]
+        ax.barh(range(len(names)), [m for m, _ in stats], xerr=[e for _, e in stats], color=[colors[s] for s in names])
+        ax.set_yticks(range(len(names)), [stages[s]["label"] for s in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("out-of-support share (too long or foreign chars)")
+        ax.set_xlim(0, 1)
+        ax.set_title(f"Track {t}: {short_title(study['tracks'][t].title)}", fontsize=9)
+    fig.tight_layout()
+    paths.append(str(out / PLOTS[2]))
+    fig.savefig(paths[2], dpi=120)
     plt.close(fig)
     return paths
 
 
-def write_report(evals: Sequence[dict[str, Any]], stages: dict[str, dict[str, Any]], out: Path,
-                 wall_seconds: float = 0.0, seeds: Sequence[int] = ()) -> dict[str, Any]:
-    """Write ``results.csv``, ``results.md`` and the plots into ``out``; returns rows, findings, table, paths."""
-    order = [name for name, entry in stages.items() if entry["evaluate"]]
-    rows = table_rows(evals, order)
-    checks = findings(rows)
+def short_title(title: str) -> str:
+    """A track's title up to its first parenthesis (for plot titles)."""
+    return title.split("(")[0].strip()
+
+
+def write_doc(doc: str | Path, table: str, plots: Sequence[str]) -> None:
+    """Replace the block between `BEGIN` and `END` in ``doc`` with ``table`` (whose plot links point at ``img/``)
+    and copy the plots into the doc's ``img/`` folder."""
+    doc = Path(doc)
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"--doc {doc}: it has no study block; add the two lines\n{BEGIN}\n{END}\n"
+                         "where the results go.")
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{table}{END}{tail}", encoding="utf-8")
+    (doc.parent / "img").mkdir(exist_ok=True)
+    for p in plots:
+        shutil.copyfile(p, doc.parent / "img" / Path(p).name)
+
+
+def write_report(evals: Sequence[dict[str, Any]], study: Mapping[str, Any], out: Path, wall_seconds: float = 0.0,
+                 doc: str | Path | None = None) -> dict[str, Any]:
+    """Write ``results.csv``, ``results.md`` and the plots into ``out`` (and the report into ``doc``); returns
+    rows, judged findings, frontiers, table and plot paths."""
+    stages, tracks = study["stages"], study["tracks"]
+    rows = table_rows(evals, stages, tracks)
+    fronts = frontier_points(rows, evals, stages, tracks)
+    judged = judge_findings(study["findings"], rows, fronts, study["seeds"])
     with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["seed", "method", "label", *COLUMNS])
+        writer = csv.DictWriter(f, fieldnames=["track", "method", "stage", "seed", *COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(rows, order, checks, wall_seconds)
+    plots = plot(rows, evals, study, fronts, out)
+    table = markdown(rows, evals, study, judged, fronts, wall_seconds)
     (out / "results.md").write_text(table, encoding="utf-8")
-    return {"rows": rows, "findings": checks, "table": table, "plots": plot(rows, evals, order, out), "out": str(out)}
-
-
-def probe_markdown(probes: Sequence[dict[str, Any]], out: Path) -> str:
-    """Write ``probes.csv`` (one row per seed and probe) and return the mean-over-seeds table as markdown."""
-    with open(out / "probes.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["seed", "probe", "learned_reward", "gold"])
-        writer.writeheader()
-        writer.writerows(probes)
-    intro = ("The learned reward model on hand-made held-out responses, inside and outside the pairs' support "
-             "(mean ± std over seeds):")
-    lines = ["", intro, "", "| response | learned reward | gold reward |", "|---|---|---|"]
-    for name in dict.fromkeys(p["probe"] for p in probes):
-        mine = [p for p in probes if p["probe"] == name]
-        (lm, ls), (gm, gs) = mean_std([p["learned_reward"] for p in mine]), mean_std([p["gold"] for p in mine])
-        lines.append(f"| {name} | {lm:.3f} ± {ls:.3f} | {gm:.3f} ± {gs:.3f} |")
-    return "\n".join(lines) + "\n"
+    if doc is not None:
+        write_doc(doc, markdown(rows, evals, study, judged, fronts, wall_seconds, img="img/"), plots)
+    return {"rows": rows, "findings": judged, "frontiers": fronts, "table": table, "plots": plots, "out": str(out)}

@@ -8,18 +8,41 @@ import json
 import logging
 import multiprocessing as mp
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 import yaml
+from recipes.study.findings import Finding
 from recipes.study.scoring import EvalSpec
-from recipes.study.stages import Job, resolve_stages, run_job, stage_dependencies
+from recipes.study.stages import Job, data_dir, lightning_config, resolve_stages, run_job, stage_dependencies
 from recipes.study.testbed import TestbedSpec, write_testbed
 
 log = logging.getLogger(__name__)
-REQUIRED_STAGES = ("sft", "reward")  # every evaluation compares with the SFT policy and reads the reward model
+
+
+@dataclass
+class Track:
+    """One track of the study: its testbed and the stages every evaluation of the track reads.
+
+    Args:
+        title: what the track is, as the report names it.
+        testbed: the track's testbed (its own prompts, gold reward, demonstrations and pairs).
+        sft: the stage whose policy is the reference of every evaluation (KL, win-rate) in the track.
+        reward: the learned reward model whose score of each policy's samples is reported; None: none is learned.
+    """
+
+    title: str = ""
+    testbed: TestbedSpec = field(default_factory=TestbedSpec)
+    sft: str = "sft"
+    reward: str | None = None
+
+
+def track_needs(track: Track) -> list[str]:
+    """The stages every evaluation of ``track`` waits for."""
+    return [track.sft] + ([track.reward] if track.reward else [])
 
 
 def build_parser() -> ArgumentParser:
@@ -28,11 +51,15 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seeds", type=list[int], default=[0], help="seeds to run, e.g. [0,1,2,3,4]")
     parser.add_argument("--out", type=str, default="runs/study", help="output folder")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (1 thread each)")
-    parser.add_argument("--testbed", type=TestbedSpec, default=TestbedSpec())
+    parser.add_argument("--tracks", type=dict[str, Track], default={"A": Track()},
+                        help="track name -> {title, testbed, sft, reward}")
     parser.add_argument("--eval", type=EvalSpec, default=EvalSpec())
     parser.add_argument("--defaults", type=dict, default={}, help="merged into every stage's config")
-    parser.add_argument("--stages", type=dict, default={}, help="stage name -> {label, evaluate, "
-                        "extends, config}")
+    parser.add_argument("--stages", type=dict, default={}, help="stage name -> {track, label, role, extends, "
+                        "frontier, standardize, config}")
+    parser.add_argument("--findings", type=list[Finding], default=[], help="the claims the report judges")
+    parser.add_argument("--doc", type=str | None, default=None,
+                        help="also write the report into this markdown file between its study markers (docs/study.md)")
     parser.add_argument("--only", type=list[str] | None, default=None,
                         help="run only these stages (and what they need), e.g. [sft,reward,dpo]")
     parser.add_argument("--report_only", type=bool, default=False,
@@ -61,46 +88,76 @@ def gather_lists(args: list[str], options: tuple[str, ...] = ("--seeds", "--set"
 
 
 def apply_sets(tree: dict[str, Any], sets: list[str]) -> None:
-    """Apply ``PATH=VALUE`` overrides (VALUE read as YAML) to the nested dict ``tree`` in place."""
+    """Apply ``PATH=VALUE`` overrides (VALUE read as YAML) to the nested dict ``tree`` in place, before ``extends`` is
+    resolved (so stages extending the one set inherit it). Missing mappings inside a stage's ``config`` are created;
+    a missing stage or top-level key is an error."""
     for item in sets:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: write PATH=VALUE, e.g. stages.dpo.config.trainer.max_steps=50.")
         path, raw = item.split("=", 1)
         keys, node = path.split("."), tree
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
+            if key not in node and depth >= 3:  # inside stages.NAME.config: an override the stage lacked
+                node[key] = {}
             if not isinstance(node.get(key), dict):
                 raise TypeError(f"--set {item!r}: '{key}' is not a mapping under stages/defaults of the study config "
-                                "(testbed and eval values are options: e.g. --testbed.behaviour.p_upper 0.1).")
+                                "(testbed and eval values are options: e.g. --tracks.B.testbed.num_sft 500).")
             node = node[key]
         node[keys[-1]] = yaml.safe_load(raw)
 
 
-def plan_jobs(cfg: Any, stages: dict[str, dict[str, Any]], seed: int, run_dir: str) -> dict[str, tuple[Job, set[str]]]:
-    """Every job of one seed with the keys of the jobs it waits for: a fit per stage, an eval per evaluated stage."""
+def plan_jobs(cfg: Any, stages: dict[str, dict[str, Any]], seed: int, run_dir: str,
+              defaults: dict[str, Any]) -> dict[str, tuple[Job, set[str]]]:
+    """Every job of one seed with the keys of the jobs it waits for: a fit per stage, an eval per policy or reward
+    stage (which also waits for its track's SFT and reward stages)."""
     jobs: dict[str, tuple[Job, set[str]]] = {}
     for name, entry in stages.items():
-        label = entry["label"] if entry["evaluate"] else ""
-        fit = Job("fit", name, seed, run_dir, entry["config"], cfg.testbed, cfg.eval, label)
-        jobs[fit.key] = (fit, {f"seed{seed}/fit:{dep}" for dep in stage_dependencies(entry["config"])})
-        if entry["evaluate"]:
-            ev = Job("eval", name, seed, run_dir, {}, cfg.testbed, cfg.eval, label)
-            jobs[ev.key] = (ev, {fit.key, f"seed{seed}/fit:sft", f"seed{seed}/fit:reward"})
+        track = cfg.tracks[entry["track"]]
+        common = dict(seed=seed, run_dir=run_dir, testbed=track.testbed, eval=cfg.eval, label=entry["label"],
+                      track=entry["track"], role=entry["role"], sft=track.sft, reward=track.reward)
+        fit = Job("fit", name, config=entry["config"], standardize=entry["standardize"], **common)
+        fit.config = lightning_config(fit, defaults)
+        deps = stage_dependencies(entry["config"]) | ({track.sft} if entry["standardize"] else set())
+        jobs[fit.key] = (fit, {f"seed{seed}/fit:{dep}" for dep in deps})
+        if entry["role"] != "helper":
+            config = {}
+            if entry["role"] == "reward":
+                train_pairs = str(fit.config["data"]["init_args"]["data"])
+                config["pairs_test"] = train_pairs.removesuffix(".jsonl") + "_test.jsonl"  # written by the testbed
+            ev = Job("eval", name, config=config, **common)
+            jobs[ev.key] = (ev, {fit.key} | {f"seed{seed}/fit:{s}" for s in track_needs(track)})
     return jobs
 
 
-def select(stages: dict[str, dict[str, Any]], only: list[str] | None) -> dict[str, dict[str, Any]]:
-    """The stages in ``only`` plus everything they (and the evaluations) depend on; all stages when None."""
+def select(stages: dict[str, dict[str, Any]], tracks: dict[str, Track],
+           only: list[str] | None) -> dict[str, dict[str, Any]]:
+    """The stages in ``only`` plus everything they (and their evaluations) depend on; all stages when None."""
     if only is None:
         return stages
     unknown = set(only) - set(stages)
     if unknown:
         raise ValueError(f"--only: no stage(s) {sorted(unknown)}; stages are {sorted(stages)}.")
-    keep, todo = set(REQUIRED_STAGES), list(only) + list(REQUIRED_STAGES)
+    keep, todo = set(), list(only)
     while todo:
         name = todo.pop()
         keep.add(name)
-        todo += [d for d in stage_dependencies(stages[name]["config"]) if d not in keep]
+        track = tracks[stages[name]["track"]]
+        todo += [d for d in stage_dependencies(stages[name]["config"]) | set(track_needs(track)) if d not in keep]
     return {k: v for k, v in stages.items() if k in keep}
+
+
+def check_tracks(stages: dict[str, dict[str, Any]], tracks: dict[str, Track]) -> None:
+    """Every stage names a track; every track with stages has its SFT and reward stages."""
+    for name, entry in stages.items():
+        if entry["track"] not in tracks:
+            raise ValueError(f"study config: stages.{name}.track is {entry['track']!r}; tracks are {sorted(tracks)} "
+                             "(every stage names its track).")
+    for t, track in tracks.items():
+        if not any(entry["track"] == t for entry in stages.values()):
+            continue  # not run (--only)
+        for need in track_needs(track):
+            if need not in stages or stages[need]["track"] != t:
+                raise ValueError(f"study config: tracks.{t} reads stage {need!r}, which is not a stage of track {t}.")
 
 
 def execute(jobs: dict[str, tuple[Job, set[str]]], workers: int) -> dict[str, dict[str, Any]]:
@@ -139,24 +196,18 @@ def collect(out: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(out.glob("seed*/*/eval.json"))]
 
 
-def add_probes(report: dict[str, Any], cfg: Any, out: Path) -> None:
-    """Score `recipes.study.scoring.ood_probes` with each seed's reward model; append the table to results.md."""
-    from recipes.study.report import probe_markdown
-    from recipes.study.scoring import probe_reward_model
-
-    probes = []
-    for seed in cfg.seeds:
-        run_dir = out / f"seed{seed}"
-        if not (run_dir / "reward" / "hf").exists():
-            continue
-        with open(run_dir / "data" / "heldout_prompts.jsonl", encoding="utf-8") as f:
-            prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
-        probes += [{"seed": seed, **row} for row in
-                   probe_reward_model(str(run_dir / "reward" / "hf"), prompts, cfg.testbed.gold_reward())]
-    if probes:
-        report["table"] += probe_markdown(probes, out)
-        report["probes"] = probes
-        (out / "results.md").write_text(report["table"], encoding="utf-8")
+def run_command(args: list[str]) -> str:
+    """The command that produces the study's numbers: these arguments less ``--report_only`` (which rewrites the
+    report of a run made without it)."""
+    kept, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--report_only":
+            skip = True
+        elif not a.startswith("--report_only="):
+            kept.append(a)
+    return " ".join(["python -m recipes study", *kept])
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
@@ -172,39 +223,34 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     raw = {"stages": parsed.stages.as_dict() if hasattr(parsed.stages, "as_dict") else dict(parsed.stages),
            "defaults": parsed.defaults.as_dict() if hasattr(parsed.defaults, "as_dict") else dict(parsed.defaults)}
     apply_sets(raw, cfg.set)
-    stages = select(resolve_stages(raw["stages"]), cfg.only)
-    missing = [s for s in REQUIRED_STAGES if s not in stages]
-    if missing:
-        raise ValueError(f"study config: stages {missing} are required (evaluations compare with the SFT policy and "
-                         "read the reward model).")
+    stages = select(resolve_stages(raw["stages"]), cfg.tracks, cfg.only)
+    check_tracks(stages, cfg.tracks)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    study = {"tracks": cfg.tracks, "findings": cfg.findings, "stages": stages, "seeds": list(cfg.seeds),
+             "command": run_command(list(args) if args is not None else sys.argv[1:])}
     if cfg.report_only:
         evals = [e for e in collect(out) if e["seed"] in cfg.seeds and e["stage"] in stages]
         if not evals:
             raise FileNotFoundError(f"--report_only: no seed*/*/eval.json under {out} for seeds {cfg.seeds}.")
-        report = write_report(evals, stages, out, seeds=list(cfg.seeds))
-        add_probes(report, cfg, out)
+        run = out / "run.json"  # the wall time of the run that made the evaluations
+        wall = json.loads(run.read_text(encoding="utf-8"))["wall_seconds"] if run.exists() else 0.0
+        report = write_report(evals, study, out, wall_seconds=wall, doc=cfg.doc)
         print(report["table"])
         return report
     jobs: dict[str, tuple[Job, set[str]]] = {}
     for seed in cfg.seeds:
         run_dir = str(out / f"seed{seed}")
-        write_testbed(cfg.testbed, seed, Path(run_dir) / "data")
-        seed_jobs = plan_jobs(cfg, stages, seed, run_dir)
-        for key, (job, deps) in seed_jobs.items():
-            from recipes.study.stages import lightning_config
-
-            if job.kind == "fit":
-                job.config = lightning_config(job, raw["defaults"])
-            jobs[key] = (job, deps)
+        for t in {entry["track"] for entry in stages.values()}:
+            write_testbed(cfg.tracks[t].testbed, seed, data_dir(run_dir, t))
+        jobs.update(plan_jobs(cfg, stages, seed, run_dir, raw["defaults"]))
     (out / "study_config.yaml").write_text(parser.dump(parsed), encoding="utf-8")
     start = time.perf_counter()
     results = execute(jobs, cfg.workers)
     wall = time.perf_counter() - start
+    (out / "run.json").write_text(json.dumps({"wall_seconds": wall, "workers": cfg.workers, "seeds": cfg.seeds}))
     evals = [r for r in results.values() if r["kind"] == "eval"]
-    report = write_report(evals, stages, out, wall_seconds=wall, seeds=list(cfg.seeds))
-    add_probes(report, cfg, out)
+    report = write_report(evals, study, out, wall_seconds=wall, doc=cfg.doc)
     print(report["table"])
     print(f"\nwrote {out}/results.md, results.csv and study_*.png ({wall / 60:.1f} min wall, {cfg.workers} workers)")
     (out / "timings.json").write_text(json.dumps({k: {"seconds": r["seconds"], "cpu_seconds": r.get("cpu_seconds")}

@@ -21,7 +21,9 @@ from recipes.study.testbed import TestbedSpec
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
-RESERVED = {"data", "seed"}
+RESERVED = {"data", "seed", "gold"}
+STAGE_KEYS = {"label", "role", "extends", "config", "track", "frontier", "standardize"}
+ROLES = ("policy", "reward", "helper")  # evaluated as a policy, evaluated as a reward model, not evaluated
 
 
 def deep_merge(base: Any, override: Any) -> Any:
@@ -47,14 +49,21 @@ def resolve_stages(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
         if name in chain:
             raise ValueError(f"study config: stages extend each other in a cycle: {' -> '.join(chain + (name,))}.")
         entry = dict(stages[name])
-        unknown = set(entry) - {"label", "evaluate", "extends", "config"}
+        unknown = set(entry) - STAGE_KEYS
         if unknown:
-            raise ValueError(f"study config: stages.{name} has unknown keys {sorted(unknown)}; allowed: label, "
-                             "evaluate, extends, config.")
-        config = entry.get("config") or {}
+            raise ValueError(f"study config: stages.{name} has unknown keys {sorted(unknown)}; allowed: "
+                             f"{', '.join(sorted(STAGE_KEYS))}.")
+        config, parent = entry.get("config") or {}, {}
         if entry.get("extends"):
-            config = deep_merge(resolve(entry["extends"], chain + (name,))["config"], config)
-        resolved[name] = {"label": entry.get("label", name), "evaluate": entry.get("evaluate", True), "config": config}
+            parent = resolve(entry["extends"], chain + (name,))
+            config = deep_merge(parent["config"], config)
+        role = entry.get("role", parent.get("role", "policy"))
+        if role not in ROLES:
+            raise ValueError(f"study config: stages.{name}.role is {role!r}; one of {', '.join(ROLES)}.")
+        # label and frontier name this stage's own point: not inherited
+        resolved[name] = {"label": entry.get("label", name), "role": role, "config": config,
+                          "track": entry.get("track", parent.get("track")), "frontier": entry.get("frontier"),
+                          "standardize": bool(entry.get("standardize", parent.get("standardize", False)))}
         return resolved[name]
 
     for name in stages:
@@ -68,7 +77,7 @@ def resolve_stages(stages: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
 
 def stage_dependencies(config: Any) -> set[str]:
-    """The stages whose exported folders a config refers to (``{NAME}`` placeholders other than data/seed)."""
+    """The stages whose exported folders a config refers to (``{NAME}`` placeholders other than data/seed/gold)."""
     if isinstance(config, dict):
         return set().union(*(stage_dependencies(v) for v in config.values())) if config else set()
     if isinstance(config, list):
@@ -79,7 +88,8 @@ def stage_dependencies(config: Any) -> set[str]:
 
 
 def fill(config: Any, values: dict[str, Any]) -> Any:
-    """Replace placeholders; a string that is exactly ``{seed}`` becomes the integer seed."""
+    """Replace placeholders; a string that is exactly one placeholder whose value is not a string (``{seed}``,
+    ``{gold}``) becomes that value."""
     if isinstance(config, dict):
         return {k: fill(v, values) for k, v in config.items()}
     if isinstance(config, list):
@@ -94,7 +104,11 @@ def fill(config: Any, values: dict[str, Any]) -> Any:
 
 @dataclass
 class Job:
-    """One unit of work in a worker process: ``fit`` (train stage ``stage`` of seed ``seed``) or ``eval``."""
+    """One unit of work in a worker process: ``fit`` (train stage ``stage`` of seed ``seed``) or ``eval``.
+
+    ``track``, ``testbed``, ``sft`` and ``reward`` are those of the stage's track (its SFT stage is the reference of
+    every evaluation and the sampler of a reward model's standardization; its reward stage, if any, scores the
+    policies' samples); ``role`` is the stage's (policy, reward, helper)."""
 
     kind: str
     stage: str
@@ -104,6 +118,11 @@ class Job:
     testbed: TestbedSpec
     eval: EvalSpec
     label: str = ""
+    track: str = ""
+    role: str = "policy"
+    sft: str = "sft"
+    reward: str | None = None
+    standardize: bool = False
 
     @property
     def key(self) -> str:
@@ -118,11 +137,17 @@ def hf_dir(run_dir: str, stage: str) -> str:
     return str(stage_dir(run_dir, stage) / "hf")
 
 
+def data_dir(run_dir: str, track: str) -> Path:
+    """Where a seed's testbed of ``track`` is written."""
+    return Path(run_dir) / "data" / track
+
+
 def lightning_config(job: Job, defaults: dict[str, Any]) -> dict[str, Any]:
-    """The full Lightning CLI config of a fit job: defaults, the stage's config, filled placeholders, the stage's
-    output folder and logger, and the `GoldCurve` callback for policies."""
+    """The full Lightning CLI config of a fit job: defaults, the stage's config, filled placeholders (``{data}``: the
+    track's testbed folder, ``{gold}``: its `GoldReward` arguments), the stage's output folder and logger, and the
+    `GoldCurve` callback for policies."""
     out = stage_dir(job.run_dir, job.stage)
-    values = {"data": str(Path(job.run_dir) / "data"), "seed": job.seed}
+    values = {"data": str(data_dir(job.run_dir, job.track)), "seed": job.seed, "gold": job.testbed.gold_args()}
     values.update({name: hf_dir(job.run_dir, name) for name in stage_dependencies(job.config)})
     config = fill(deep_merge(defaults, job.config), values)
     config["seed_everything"] = job.seed
@@ -131,12 +156,12 @@ def lightning_config(job: Job, defaults: dict[str, Any]) -> dict[str, Any]:
     trainer["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
                          "init_args": {"save_dir": str(out), "name": "", "version": ""}}
     callbacks = list(trainer.get("callbacks") or [])
-    if job.label and job.eval.curve_every_n_steps > 0:
+    if job.role == "policy" and job.eval.curve_every_n_steps > 0:
         callbacks.append({"class_path": "recipes.study.scoring.GoldCurve", "init_args": {
-            "prompts_file": str(Path(job.run_dir) / "data" / "heldout_prompts.jsonl"),
+            "prompts_file": str(data_dir(job.run_dir, job.track) / "heldout_prompts.jsonl"),
             "path": str(out / "gold_curve.json"), "every_n_steps": job.eval.curve_every_n_steps,
             "num_prompts": job.eval.curve_prompts, "max_new_tokens": job.eval.max_new_tokens,
-            "gold": {"alphabet": job.testbed.alphabet, **job.testbed.gold}}})
+            "gold": job.testbed.gold_args()}})
     trainer["callbacks"] = callbacks
     return config
 
@@ -184,27 +209,47 @@ def run_fit(job: Job) -> dict[str, Any]:
     path.write_text(yaml.safe_dump(job.config, sort_keys=False), encoding="utf-8")
     cli = cli_main(["fit", "--config", str(path)])
     cli.model.export_pretrained(hf_dir(job.run_dir, job.stage))
-    return {"steps": int(cli.trainer.global_step)}
+    result: dict[str, Any] = {"steps": int(cli.trainer.global_step)}
+    if job.standardize:
+        from recipes.study.scoring import standardize_reward_model
+
+        result["standardization"] = standardize_reward_model(
+            hf_dir(job.run_dir, job.stage), hf_dir(job.run_dir, job.sft), read_prompts(job, "train_prompts"),
+            job.testbed.gold_reward(), job.eval, seed=job.seed)
+    return result
+
+
+def read_prompts(job: Job, name: str) -> list[str]:
+    """The prompts of the job's testbed file ``name`` (``train_prompts`` or ``heldout_prompts``)."""
+    with open(data_dir(job.run_dir, job.track) / f"{name}.jsonl", encoding="utf-8") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
 
 
 def run_eval(job: Job) -> dict[str, Any]:
-    """Score stage ``job.stage``'s exported policy on the held-out prompts against the SFT policy and the learned
-    reward model (`recipes.study.scoring.evaluate_policy`)."""
+    """Score stage ``job.stage``: a policy's exported folder on the held-out prompts against the track's SFT policy
+    and reward model (`recipes.study.scoring.evaluate_policy`; the SFT stage also gets the KL-regularised optimum), or
+    a reward model's accuracy against the labels and the gold reward (`recipes.study.scoring.evaluate_reward_model`)."""
     from transformers import AutoModelForCausalLM
 
     from recipes.modules.reward_functions import SequenceClassifierReward
     from recipes.modules.tokenizer import load_tokenizer
-    from recipes.study.scoring import evaluate_policy
+    from recipes.study.scoring import evaluate_policy, evaluate_reward_model, kl_regularised_optimum
 
-    with open(Path(job.run_dir) / "data" / "heldout_prompts.jsonl", encoding="utf-8") as f:
-        prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    prompts, gold = read_prompts(job, "heldout_prompts"), job.testbed.gold_reward()
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir(job.run_dir, job.sft))
+    if job.role == "reward":
+        tokenizer = load_tokenizer(hf_dir(job.run_dir, job.sft))
+        result = evaluate_reward_model(hf_dir(job.run_dir, job.stage), job.config["pairs_test"], reference, tokenizer,
+                                       prompts, gold, job.eval, seed=job.seed)
+        result.update(label=job.label, track=job.track)
+        return result
     policy = AutoModelForCausalLM.from_pretrained(hf_dir(job.run_dir, job.stage))
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir(job.run_dir, "sft"))
     tokenizer = load_tokenizer(hf_dir(job.run_dir, job.stage))
-    learned = SequenceClassifierReward(hf_dir(job.run_dir, "reward"))
-    result = evaluate_policy(policy, reference, tokenizer, prompts, job.testbed.gold_reward(), learned, job.eval,
-                             seed=job.seed)
-    result["label"] = job.label
+    learned = SequenceClassifierReward(hf_dir(job.run_dir, job.reward)) if job.reward else None
+    result = evaluate_policy(policy, reference, tokenizer, prompts, gold, learned, job.eval, seed=job.seed)
+    if job.stage == job.sft:
+        result["optimum"] = kl_regularised_optimum(policy, tokenizer, prompts, gold, job.eval, seed=job.seed)
+    result.update(label=job.label, track=job.track)
     curve = stage_dir(job.run_dir, job.stage) / "gold_curve.json"
     result["curve"] = json.loads(curve.read_text(encoding="utf-8")) if curve.exists() else []
     return result

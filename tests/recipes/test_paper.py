@@ -2,11 +2,17 @@
 
 import dataclasses
 import math
+import os
+import re
+import shutil
 
 import pytest
 import torch
 
-from recipes.paper import synthetic, theorem41
+from recipes.paper import synthetic, synthetic_report, theorem41
+from tests.conftest import REPO
+
+DOC = REPO / "docs" / "paper_small_experiments.md"
 
 
 def test_dpo_cannot_tell_the_candidates_apart():
@@ -77,29 +83,100 @@ def test_policy_stats_by_hand():
     assert (identity.out_of_data_mass, identity.diagonal_prob, identity.diagonal_accuracy) == (0.0, 1.0, 1.0)
 
 
+def test_normalize_reward_by_hand():
+    """r = [[1, 3], [2, 2]], pi_ref = [[0.5, 0.5], [1, 0]], x uniform: mean = (0.5 * 2 + 0.5 * 2) = 2;
+    variance = 0.5 * (0.5 * 1 + 0.5 * 1) + 0.5 * (1 * 0) = 0.5, std = 0.7071068;
+    (r - 2) / std = [[-1.4142136, 1.4142136], [0, 0]]."""
+    normalized, std = synthetic.normalize_reward(torch.tensor([[1.0, 3.0], [2.0, 2.0]]),
+                                                 torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    assert std == pytest.approx(0.7071068)
+    assert normalized.flatten().tolist() == pytest.approx([-1.4142136, 1.4142136, 0.0, 0.0])
+
+
+def test_reward_model_starts_at_zero_on_the_reference_network():
+    """With no training steps the RM is pi_ref's network with the output layer zeroed: r = 0 for every (x, y)."""
+    config = dataclasses.replace(synthetic.SyntheticConfig(), ref_steps=5, reward_steps=0)
+    reference = synthetic._train_reference(config)
+    reward_model = synthetic.train_reward_model(reference, config)
+    assert reward_model(torch.eye(8)).abs().max().item() == 0.0
+    for (name, weight), ref_weight in zip(reward_model[:-1].state_dict().items(), reference[:-1].state_dict().values(),
+                                          strict=True):
+        assert torch.equal(weight, ref_weight), name
+
+
+def test_paired_difference_and_verdict_by_hand():
+    """a - b = (0.2, 0.2, 0.3): mean 0.2333333; sample std sqrt((2 * (1/30)^2 + (2/30)^2) / 2) = sqrt(3) / 30
+    = 0.0577350, SE = 0.0577350 / sqrt(3) = 0.0333333; mean ± 2 SE = [0.1667, 0.3]."""
+    mean, se = synthetic_report.paired_difference([0.3, 0.4, 0.6], [0.1, 0.2, 0.3])
+    assert (mean, se) == pytest.approx((0.2333333, 0.0333333), abs=1e-7)
+    assert synthetic_report.verdict(mean, se, ">", 0.0) == "reproduced"  # 0.1667 > 0
+    assert synthetic_report.verdict(mean, se, ">", 0.2) == "inconclusive"  # 0.2 inside [0.1667, 0.3]
+    assert synthetic_report.verdict(mean, se, ">", 0.35) == "not reproduced"  # 0.3 < 0.35
+    assert synthetic_report.verdict(mean, se, "<", 0.35) == "reproduced"
+    assert synthetic_report.verdict(mean, se, "<", 0.1) == "not reproduced"
+
+
+def test_write_doc_block_replaces_only_between_the_markers(tmp_path):
+    doc = tmp_path / "doc.md"
+    begin, end = synthetic_report.BEGIN, synthetic_report.END
+    doc.write_text(f"intro\n{begin}\nold table\n{end}\noutro\n")
+    synthetic_report.write_doc_block(doc, f"{begin}\nnew table\n{end}")
+    assert doc.read_text() == f"intro\n{begin}\nnew table\n{end}\noutro\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="doc.md: needs exactly one"):
+        synthetic_report.write_doc_block(doc, f"{begin}\n{end}")
+
+
 @pytest.fixture(scope="module")
-def synthetic_results():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny MLPs: threads only add overhead
-    config = dataclasses.replace(synthetic.SyntheticConfig(), ppo_iterations=50)
+def doc_run(tmp_path_factory):
+    """Run the command the doc's synthetic block names, in a scratch folder holding a copy of the doc, as the doc says
+    (about 15 s on one thread); returns the results and the folder."""
+    command = re.search(r"`python -m recipes\.paper\.synthetic ([^`]*)`", synthetic_report.read_doc_block(DOC))
+    argv = command.group(1).split()
+    assert argv == ["--seeds", "5", "--out", "docs/img", "--doc", "docs/paper_small_experiments.md"]
+    root = tmp_path_factory.mktemp("synthetic")
+    (root / "docs").mkdir()
+    shutil.copy(DOC, root / "docs" / DOC.name)
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(root)
     try:
-        return [synthetic.run_seed(seed, config) for seed in (0, 1)]
+        return synthetic.main(argv), root
     finally:
+        os.chdir(cwd)
         torch.set_num_threads(threads)
 
 
-def test_synthetic_reference_matches_its_sft_target(synthetic_results):
+def test_synthetic_doc_block_equals_a_fresh_run(doc_run):
+    """The doc's tables are what the command it names writes now (rerun the command if this fails)."""
+    root = doc_run[1]
+    assert (root / "docs" / DOC.name).read_text() == DOC.read_text()
+    assert (root / "docs" / "img" / "synthetic_dpo_vs_ppo.png").stat().st_size > 10_000
+
+
+def test_synthetic_reference_matches_its_sft_target(doc_run):
     """pi_ref is fit to a target with out-of-data mass 0.1 (0.02 on each of 5 responses) and 0.3 on each in-data one."""
-    for result in synthetic_results:
+    for result in doc_run[0]:
         assert result.reference.out_of_data_mass == pytest.approx(0.1, abs=0.01)
         assert result.reference.diagonal_prob == pytest.approx(0.3, abs=0.01)
 
 
-def test_synthetic_dpo_moves_mass_out_of_data_while_ppo_finds_the_diagonal(synthetic_results):
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    assert all(r.dpo_final_loss < 0.01 for r in synthetic_results)  # DPO did minimize its objective
-    assert mean([r.dpo.out_of_data_mass for r in synthetic_results]) > 0.1 + 0.1
-    assert all(r.reward_pair_accuracy == 1.0 for r in synthetic_results)
-    for r in synthetic_results:
-        assert r.ppo.out_of_data_mass < r.reference.out_of_data_mass
-        assert r.ppo.diagonal_accuracy == 1.0
+def test_synthetic_dpo_moves_mass_out_of_data(doc_run):
+    results = doc_run[0]
+    assert all(r.dpo_final_loss < 0.01 for r in results)  # DPO did minimize its objective
+    assert sum(r.dpo.out_of_data_mass for r in results) / len(results) > 0.1 + 0.1
+
+
+def test_synthetic_reward_model_fits_the_pairs_and_overrates_some_out_of_data_response(doc_run):
+    """The premise of Fig. 1: in every seed the RM ranks all 16 pairs right, yet rates some out-of-data response above
+    the optimal one for at least one prompt."""
+    for r in doc_run[0]:
+        assert r.reward_pair_accuracy == 1.0
+        assert r.reward_overrated >= 1 / 8
+
+
+def test_synthetic_kl_is_what_keeps_ppo_off_out_of_data_responses(doc_run):
+    """The control: same reward, seed and sampler, kl_coef 0 instead of beta. In every seed it puts more mass out of
+    data than PPO with the KL, which ends within 0.04 of its closed-form optimum pi_ref exp(r / beta) / Z."""
+    for r in doc_run[0]:
+        assert r.ppo_kl0.out_of_data_mass > r.ppo.out_of_data_mass
+        assert r.ppo.out_of_data_mass == pytest.approx(r.kl_optimum.out_of_data_mass, abs=0.04)
