@@ -1,6 +1,9 @@
 """Prompt formats: the HH-RLHF dialogue format, the Alpaca template, and the tokenizer's own chat template.
 
-A format turns a (possibly multi-turn) request into the prompt text a model sees; the response follows it verbatim.
+A format turns a (possibly multi-turn) request into the prompt text a model sees; the response follows it verbatim
+(HH-RLHF's responses start with a space, PKU-SafeRLHF's and generic ones do not). Prompt and response are tokenized
+apart everywhere, in training and by `recipes.modules.reward_functions.prompt_response_ids` when a reward model scores
+them, so a SentencePiece tokenizer gives the same ids for the same texts in both.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ from recipes.datamodules.prompts import BUILTIN_PROMPTS, PromptDataModule, Promp
 from recipes.datamodules.resumable import ResumableLoaderMixin
 from recipes.modules.distributed import own_state, per_rank_state
 from recipes.modules.generation import sample
+from recipes.modules.guards import check_scores
 from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.validation import at_least, check_loader_args
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +131,17 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
         self.save_hyperparameters(ignore=["reward"])
         if k < 2:
             raise ValueError(f"OnlinePreferenceDataModule: k={k}; a pair needs at least 2 responses per prompt.")
+        owner = "OnlinePreferenceDataModule"
+        check_loader_args(owner, "batch_size", batch_size, num_workers, max_rows)
+        for name, value in (("prompts_per_round", prompts_per_round), ("generation_batch_size", generation_batch_size)):
+            at_least(owner, name, value, 1, "Use an integer >= 1")
+        at_least(owner, "margin", margin, 0.0, "0 keeps every pair whose rewards differ")
+        self.max_new_tokens = max_new_tokens or max_length - (max_prompt_length or max_length // 2)
+        at_least(owner, "max_new_tokens", self.max_new_tokens, 1, "Set max_new_tokens, or leave room for it between "
+                 "max_prompt_length and max_length")
         self.reward_fn = reward
         self.tokenizer = load_tokenizer(tokenizer)
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
-        self.max_new_tokens = max_new_tokens or max_length - (max_prompt_length or max_length // 2)
         self.prompts: PromptDataModule | None = None  # built in setup: its save_hyperparameters must not see ours
         self.train_set: list[PreferenceExample] = []
         self.val_set: list[PreferenceExample] = []  # DPOModule's precomputed reference reads both splits
@@ -187,6 +196,7 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
         # 3. score the texts (stop token stripped)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         rewards = self.reward_fn([r["prompt"] for r in seqs], texts, [r["metadata"] for r in seqs]).float().cpu()
+        check_scores(rewards.to(device), texts, self.reward_fn, f"DPO-Iter round {round_}: ")
         # 4. pairs
         examples, counts = [], {"ties": 0, "below_margin": 0, "identical": 0}
         for i, row in enumerate(local):

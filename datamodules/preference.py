@@ -28,8 +28,8 @@ from recipes.datamodules.preference_sources import (
     to_preference,
 )
 from recipes.datamodules.resumable import SplitLoadersMixin
-from recipes.datamodules.sampler import holdout_split
 from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.validation import check_loader_args, check_val_fraction
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,13 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         if not 0 < self.max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
+        check_loader_args("PreferenceDataModule", "batch_size", batch_size, num_workers, max_rows)
+        check_val_fraction("PreferenceDataModule", val_fraction)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.train_set: list[PreferenceExample] = []
         self.val_set: list[PreferenceExample] = []
         self.predict_set: list[dict[str, list[int]]] = []
@@ -151,6 +153,10 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
             out.append(example)
         counter.report(len(pairs))
         self.truncation_counts = dict(counter.items())
+        if not out:
+            raise DataFormatError(source, None, None, f"has no pair left after fitting {len(pairs)} pairs into "
+                                  f"max_length={self.max_length} tokens: {self.truncation_counts}",
+                                  "raise data.max_length so that chosen and rejected still differ")
         return out
 
     def _read(self, source: str, split: str) -> list[PreferenceExample]:
@@ -183,7 +189,7 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self._read(hp.val_data, hp.val_split)
         else:
-            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
+            self.train_set, self.val_set = self.holdout(examples, hp.val_fraction, hp.seed, hp.data)
         for split in (self.train_set, self.val_set):
             for i, example in enumerate(split):
                 example["index"] = i

@@ -19,6 +19,7 @@ from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, form
 from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from recipes.datamodules.resumable import ResumableLoaderMixin
 from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.validation import at_least, check_loader_args
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,12 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        check_loader_args("PromptDataModule", "rollout_batch_size", rollout_batch_size, num_workers, max_rows)
+        at_least("PromptDataModule", "max_prompt_length", self.max_prompt_length, 1, "Raise max_prompt_length (or "
+                 "max_length, whose half is the default)")
+        self.tokenizer = load_tokenizer(tokenizer)
         self.train_set: list[dict[str, Any]] = []
         self.counts: dict[str, int] = {}
 

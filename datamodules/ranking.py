@@ -25,9 +25,9 @@ from recipes.datamodules.formats import PromptFormat, format_prompt
 from recipes.datamodules.io import DataFormatError, DropCounter, load_records, require_text
 from recipes.datamodules.preference_sources import generic_pair, hh_pair, parse_rows
 from recipes.datamodules.resumable import SplitLoadersMixin
-from recipes.datamodules.sampler import holdout_split
 from recipes.modules.cache import cache_dir
 from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.validation import check_loader_args, check_val_fraction
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,13 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
                  drop_prompt_mismatch: bool = False, seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         if not 0 < self.max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
+        check_loader_args("RankingDataModule", "batch_size", batch_size, num_workers, max_rows)
+        check_val_fraction("RankingDataModule", val_fraction)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.train_set: list[RankingExample] = []
         self.val_set: list[RankingExample] = []
         self.counts: dict[str, int] = {}
@@ -207,6 +209,10 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
             out.append(RankingExample(prompt_ids=p_ids, response_ids=kept, scores=scores))
         counter.report(len(texts))
         self.counts.update(counter.items())
+        if not out:
+            raise DataFormatError(source, None, None, f"has no row left after fitting {len(texts)} rows into "
+                                  f"max_length={self.max_length} tokens: {dict(counter.items())}",
+                                  "raise data.max_length so that the responses still differ")
         return out
 
     def setup(self, stage: str) -> None:
@@ -218,7 +224,7 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
             self.train_set = examples
             self.val_set = self.tokenize(self.read(hp.val_data, hp.val_split), _resolve(hp.val_data))
         else:
-            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
+            self.train_set, self.val_set = self.holdout(examples, hp.val_fraction, hp.seed, hp.data)
         log.info("Ranking data: %d train / %d validation prompts", len(self.train_set), len(self.val_set))
 
     def collate(self, examples: Sequence[RankingExample]) -> dict[str, torch.Tensor]:

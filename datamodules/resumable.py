@@ -10,7 +10,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from recipes.datamodules.sampler import ResumableSampler
+from recipes.datamodules.io import DataFormatError
+from recipes.datamodules.sampler import ResumableSampler, holdout_split
 
 
 class ResumableLoaderMixin:
@@ -63,6 +64,17 @@ class ResumableLoaderMixin:
 class SplitLoadersMixin(ResumableLoaderMixin):
     """`ResumableLoaderMixin` plus the loaders of a module with a ``train_set`` and a ``val_set`` of examples and a
     ``collate(examples)`` method: the resumable training loader and the in-order validation loader."""
+
+    def holdout(self, examples: list, val_fraction: float, seed: int, source: str) -> tuple[list, list]:
+        """`recipes.datamodules.sampler.holdout_split` of ``examples`` (train, validation), refusing a split that
+        leaves nothing to train on (a positive fraction holds out at least one row)."""
+        train, val = holdout_split(examples, val_fraction, seed)
+        if not train:
+            raise DataFormatError(source, None, None, f"has {len(examples)} usable rows and "
+                                  f"val_fraction={val_fraction} holds out all of them, leaving none to train on",
+                                  "add rows, lower data.val_fraction (0: no validation) or pass a separate "
+                                  "data.val_data")
+        return train, val
 
     def train_dataloader(self) -> DataLoader:
         return self.resumable_loader(self.train_set, self.collate)

@@ -20,8 +20,8 @@ from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, form
 from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
 from recipes.datamodules.preference_sources import saferlhf_safe_responses
 from recipes.datamodules.resumable import SplitLoadersMixin
-from recipes.datamodules.sampler import holdout_split
 from recipes.modules.tokenizer import load_tokenizer
+from recipes.modules.validation import check_loader_args, check_token_budget, check_val_fraction
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +96,14 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.tokenizer = load_tokenizer(tokenizer)
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
+        check_loader_args("SFTDataModule", "batch_size", batch_size, num_workers, max_rows)
+        check_val_fraction("SFTDataModule", val_fraction)
+        check_token_budget("SFTDataModule", max_length, self.max_prompt_length)
+        self.tokenizer = load_tokenizer(tokenizer)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.counts: dict[str, int] = {}  # rows truncated, by reason and source (also logged)
         self.train_set: list[TokenizedExample] = []
         self.val_set: list[TokenizedExample] = []
 
@@ -146,6 +150,7 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
             counter.add("had the response truncated from the right (no EOS learned)", int(r_cut))
             out.append(TokenizedExample(prompt_ids=p_ids, response_ids=r_ids))
         counter.report(len(out))
+        self.counts.update({f"{source}: {reason}": n for reason, n in counter.items()})
         return out
 
     def setup(self, stage: str) -> None:
@@ -156,7 +161,7 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         if hp.val_data is not None:
             self.train_set, self.val_set = examples, self._read(hp.val_data)
         else:
-            self.train_set, self.val_set = holdout_split(examples, hp.val_fraction, hp.seed)
+            self.train_set, self.val_set = self.holdout(examples, hp.val_fraction, hp.seed, hp.data)
         log.info("SFT data: %d train / %d validation examples", len(self.train_set), len(self.val_set))
 
     # --- loaders ----------------------------------------------------------------------------------------------

@@ -9,14 +9,16 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.export import save_pretrained
+from recipes.modules.guards import check_gradients, check_loss, check_weights
 from recipes.modules.models import ModelSpec, build_causal_lm
 from recipes.modules.optim import adamw, build_optimization
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_sharded
+from recipes.modules.validation import check_vocabulary
 
 # Constructor arguments kept out of the saved hyperparameters: objects, not settings (the YAML holds their config).
 NOT_HPARAMS = ("tokenizer", "optimizer", "scheduler", "loss")
@@ -60,6 +62,9 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
             and is saved with the export.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+        guard_non_finite: stop the run, naming the step and the likely cause, at a non-finite loss (before its
+            backward) or gradient (before the optimizer step applies it), and refuse to checkpoint non-finite weights
+            (`recipes.modules.guards`). The checks only read values: a finite run is unchanged.
     """
 
     network_attr = "policy"  # the attribute holding the trained network
@@ -71,18 +76,39 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
         max_length: int | None = None,
+        guard_non_finite: bool = True,
     ) -> None:
         super().__init__()
         # Lightning collects the arguments of every __init__ on the stack, so the subclass's own are saved too.
         self.save_hyperparameters(ignore=list(NOT_HPARAMS))
         self.spec, self.tokenizer = model, tokenizer
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.guard_non_finite = guard_non_finite
         setattr(self, self.network_attr, None)
 
     @property
     def network(self) -> nn.Module | None:
         """The trained network (``self.policy``, or ``self.model`` for the reward model); None before it is built."""
         return getattr(self, self.network_attr)
+
+    # --- guards: non-finite numbers stop the run before they reach the weights or a checkpoint -----------------
+    def on_before_backward(self, loss: Tensor) -> None:
+        """A non-finite loss stops the run before its backward."""
+        if self.guard_non_finite:
+            check_loss(self, loss)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Non-finite gradients stop the run before the step (and before clipping). Skipped where the gradients are
+        not the module's to read: fp16's loss scaler skips overflowing steps itself, DeepSpeed holds them."""
+        strategy = self.trainer.strategy
+        scaler = getattr(strategy.precision_plugin, "scaler", None)
+        if self.guard_non_finite and scaler is None and type(strategy).__name__ != "DeepSpeedStrategy":
+            check_gradients(self, self.network.named_parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write non-finite weights, so a checkpoint callback never replaces a good file with a bad one."""
+        if self.guard_non_finite:
+            check_weights(self)
 
     # --- validation and test ----------------------------------------------------------------------------------
     def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:
@@ -113,6 +139,7 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
     def configure_model(self) -> None:
         if self.network is None:  # Lightning may call this more than once
             setattr(self, self.network_attr, self.build_network())
+            check_vocabulary(type(self).__name__, self.network, self.spec, self.tokenizer)
             if self.device_mesh is not None and not is_sharded(self.network):  # no DDP either: ranks would diverge
                 raise RuntimeError(f"{type(self).__name__}.build_network returned an unsharded network under "
                                    "ModelParallelStrategy, which synchronizes nothing else: shard it with "

@@ -20,6 +20,7 @@ from recipes.modules.policy import completion_logprobs, sequence_logprobs
 from recipes.modules.reference import AdapterReference, FrozenCopy, PrecomputedTable, Reference
 from recipes.modules.reference_pass import ReferencePass, precompute_tables
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, is_partitioned
+from recipes.modules.validation import at_least, check_vocabulary
 
 ReferenceMode = Literal["auto", "frozen_copy", "disabled_adapter", "precomputed"]
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -60,6 +61,8 @@ class DPOModule(AlignmentModule):
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
         reference_batch_size: pairs per forward of the precomputed reference pass (no gradients, no activations
             kept, so a GPU can take more); default the data's batch size (larger was slower on a 2-core CPU).
+        guard_non_finite: stop at a non-finite loss or gradient and refuse non-finite checkpoints
+            (`recipes.modules.base.AlignmentModule`).
     """
 
     policy: nn.Module | None  # built in configure_model
@@ -78,8 +81,10 @@ class DPOModule(AlignmentModule):
         reference_cache_dir: str | None = None,
         max_length: int | None = None,
         reference_batch_size: int | None = None,
+        guard_non_finite: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
+        at_least("DPOModule", "reference_batch_size", reference_batch_size, 1, "Use null for the data's batch size")
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length, guard_non_finite)
         self.loss = loss if loss is not None else DPOLoss(beta=0.1)
         precomputed = self.mode == "precomputed"  # the other references need the policy: built in configure_model
         self.reference = PrecomputedTable(self._compute_table, self._table_source) if precomputed else None
@@ -176,6 +181,7 @@ class DPOModule(AlignmentModule):
         return self.policy, getattr(trainer, "datamodule", None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # refuses non-finite weights
         if isinstance(self.reference, PrecomputedTable) and self.reference.tables:
             checkpoint["reference_logps"] = dict(self.reference.tables)
 
@@ -188,6 +194,7 @@ class DPOModule(AlignmentModule):
         if self.policy is not None:
             return
         policy = build_causal_lm(self.spec, self.tokenizer, self.hparams.max_length)
+        check_vocabulary("DPOModule", policy, self.spec, self.tokenizer)
         add_planned_adapters(self, policy)  # reference adapters of EMAReference / DPOIterRound, before sharding
         if self.mode == "disabled_adapter" and not is_peft(policy):
             raise ValueError("reference_mode 'disabled_adapter' needs a LoRA policy: set model.lora, or use "

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recipes.modules.rl_utils import masked_mean
+from recipes.modules.validation import at_least, positive
 
 
 class PreferenceLoss(nn.Module, ABC):
@@ -27,6 +28,8 @@ class PreferenceLoss(nn.Module, ABC):
 
     def __init__(self, beta: float = 0.1, reference_free: bool = False) -> None:
         super().__init__()
+        positive(type(self).__name__, "beta", beta, "beta 0 trains nothing and a negative beta learns the rejected "
+                 "responses; use a small positive value such as 0.1 (the DPO paper's)")
         self.beta = beta
         self.reference_free = reference_free
 
@@ -146,6 +149,7 @@ class PairwiseRewardLoss(nn.Module):
 
     def __init__(self, center_coef: float = 0.0) -> None:
         super().__init__()
+        at_least("PairwiseRewardLoss", "center_coef", center_coef, 0.0, "0 disables centering; 0.01 is typical")
         self.center_coef = center_coef
 
     def forward(
@@ -190,6 +194,7 @@ class PPOPolicyLoss(nn.Module):
 
     def __init__(self, clip_eps: float = 0.2) -> None:
         super().__init__()
+        positive("PPOPolicyLoss", "clip_eps", clip_eps, "A clip range of 0 freezes the policy; PPO uses 0.2")
         self.clip_eps = clip_eps
 
     def forward(
@@ -239,6 +244,8 @@ class PPOValueLoss(nn.Module):
 
     def __init__(self, clip_eps: float | None = 0.2) -> None:
         super().__init__()
+        positive("PPOValueLoss", "clip_eps", clip_eps, "A clip range of 0 freezes the critic; use 0.2, or null to "
+                 "turn value clipping off")
         self.clip_eps = clip_eps
 
     def forward(

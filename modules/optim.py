@@ -10,6 +10,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from recipes.modules.validation import at_least, positive, within
+
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
@@ -28,6 +30,9 @@ class WarmupCosineLR(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int = 0, total_steps: int | None = None,
                  min_lr_ratio: float = 0.0) -> None:
+        at_least("WarmupCosineLR", "warmup_steps", warmup_steps, 0, "Use 0 for no warmup")
+        at_least("WarmupCosineLR", "total_steps", total_steps, 1, "Use null for the trainer's estimate")
+        within("WarmupCosineLR", "min_lr_ratio", min_lr_ratio, 0.0, 1.0, "The final rate is a fraction of the base")
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         super().__init__(optimizer, self.factor)
 
@@ -46,7 +51,7 @@ def build_optimization(module: Any, params: Iterable[torch.nn.Parameter], optimi
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError(f"{type(module).__name__} has no trainable parameters (is everything frozen?).")
-    return with_scheduler(module, optimizer(params), scheduler)
+    return with_scheduler(module, check_learning_rates(module, optimizer(params)), scheduler)
 
 
 def joint_optimization(module: Any, parts: list[tuple[Iterable[torch.nn.Parameter], OptimizerFactory]],
@@ -63,7 +68,17 @@ def joint_optimization(module: Any, parts: list[tuple[Iterable[torch.nn.Paramete
     for other in built[1:]:
         for group in other.param_groups:
             joint.add_param_group(group)
-    return with_scheduler(module, joint, scheduler)
+    return with_scheduler(module, check_learning_rates(module, joint), scheduler)
+
+
+def check_learning_rates(module: Any, opt: Optimizer) -> Optimizer:
+    """``opt`` once every parameter group's learning rate is finite and > 0 (0 trains nothing; a negative rate
+    ascends the loss)."""
+    for group in opt.param_groups:
+        if "lr" in group:
+            positive(type(module).__name__, "optimizer lr", float(group["lr"]), "Set optimizer.init_args.lr "
+                     "(critic_optimizer for PPO's critic) to a positive rate, e.g. 1e-5 for a pretrained model")
+    return opt
 
 
 def actor_critic_optimization(module: Any, actor: torch.nn.Module, critic: torch.nn.Module,

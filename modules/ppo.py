@@ -20,6 +20,7 @@ from recipes.modules.base import ReadsOldCheckpoints
 from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, own_state, per_rank_state, world_size
 from recipes.modules.export import save_pretrained
 from recipes.modules.generation import response_logprobs, response_values, sample
+from recipes.modules.guards import check_advantages, check_gradients, check_loss, check_weights
 from recipes.modules.losses import PPOPolicyLoss, PPOValueLoss
 from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
 from recipes.modules.optim import actor_critic_optimization, adamw
@@ -31,6 +32,7 @@ from recipes.modules.rollout import rollout_forwards, sample_in_chunks
 from recipes.modules.scalar_models import build_scalar_model, check_critic_tokenizer
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, fsdp2_shard_scalar
 from recipes.modules.types import Generation, PPOStats, PromptBatch, Sample, Trajectory
+from recipes.modules.validation import check_minibatches, check_ppo_settings, check_vocabulary
 
 
 class PPOModule(ReadsOldCheckpoints, L.LightningModule):
@@ -76,6 +78,8 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         target_kl: end the iteration after the first minibatch whose approx KL exceeds it (None: never).
         disable_dropout: set every dropout to 0, so rollout and update see the same policy.
         sampling_seed: sampling/shuffling generator seed (None: ``torch.initial_seed()``, set by ``seed_everything``).
+        guard_non_finite: stop at non-finite advantages, losses or gradients (before the step applies them) and refuse
+            to checkpoint non-finite weights (`recipes.modules.guards`); non-finite rewards are always refused.
     """
 
     def __init__(
@@ -112,10 +116,12 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         target_kl: float | None = None,
         disable_dropout: bool = True,
         sampling_seed: int | None = None,
+        guard_non_finite: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "reward", "optimizer", "critic_optimizer", "scheduler",
                                           "critic_scheduler", "policy_loss", "value_loss"])
+        check_ppo_settings(self.hparams)
         self.automatic_optimization = False
         if not isinstance(reward, RewardFunction):  # typed as a callable so YAML's class_path instantiates it
             raise TypeError("reward must follow recipes.modules.reward_functions.RewardFunction, got "
@@ -141,10 +147,11 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
     # --- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
         """One PPO iteration: rollout (steps 2-6), then the minibatch updates (step 7)."""
-        start = time.perf_counter()
+        start, hp = time.perf_counter(), self.hparams
+        check_minibatches(hp.mini_batch_size, hp.micro_batch_size, batch["input_ids"].shape[0], "this rollout batch")
         traj = self.rollout(batch)
         self.log("time/rollout_s", time.perf_counter() - start, batch_size=1)
-        start, hp, n = time.perf_counter(), self.hparams, traj.input_ids.shape[0]
+        start, n = time.perf_counter(), traj.input_ids.shape[0]
         opts, schedulers = self.optimizers(), self.lr_schedulers()
         opts = opts if isinstance(opts, list) else [opts]  # DeepSpeed: one optimizer (two parameter groups)
         updates, stop = [], False  # updates: the PPOStats of each minibatch update
@@ -188,14 +195,16 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         # 3. score: decode, reward, running standardization (every rank's scores), clip, truncation penalty
         start = time.perf_counter()
         scored = score_responses(self.reward_fn, tok, batch, response_ids, mask, ended, hp.missing_eos_penalty,
-                                 hp.reward_clip, self.reward_moments if hp.normalize_rewards else None, self.device)
+                                 hp.reward_clip, self.reward_moments if hp.normalize_rewards else None, self.device,
+                                 self.global_step)
         score_s = time.perf_counter() - start
         # 4. log-probs, reference log-probs, values, KL-penalized rewards
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)
         P = prompt_ids.shape[1]
-        old_logprobs, entropy, ref_logprobs, values = rollout_forwards(
-            self.policy, self.critic, self.reference, input_ids, attention_mask, P, hp.micro_batch_size or n)
+        old_logprobs, entropy, ref_logprobs, values = rollout_forwards(  # log-probs of the filtered distribution
+            self.policy, self.critic, self.reference, input_ids, attention_mask, P, hp.micro_batch_size or n,
+            temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
         rewards = kl_penalized_rewards(scored.scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
         # 5. GAE, on the critic's values in reward units (the moments before this rollout); metrics before whitening
         raw_values = in_reward_units(values, self.value_moments if hp.normalize_values else None)
@@ -206,6 +215,9 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
             advantages = global_masked_whiten(advantages, mask)  # over the rollout of every rank
         if hp.normalize_values:  # the moments now include this rollout's returns
             values, returns = standardize_values(raw_values, returns, mask, self.value_moments)
+        if hp.guard_non_finite:
+            check_advantages(self, advantages, {"the per-token rewards (KL penalty)": rewards, "the critic's values":
+                                                raw_values, "the policy's log-probs": old_logprobs})
         self.log_dict(metrics, batch_size=n)
         self.log_dict({"time/generate_s": gen_s, "time/score_s": score_s,
                        "rollout/tokens_per_s": float(mask.sum()) / max(gen_s, 1e-9)}, batch_size=1)
@@ -229,17 +241,23 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
             micro = mb.select(slice(i, i + size))
             mask = micro.response_mask
             weight = mask.sum() / tokens  # token-weighted: micro-batches add up to the minibatch's token mean
-            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P)
+            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P,
+                                            temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
             values = response_values(self.critic, micro.input_ids, micro.attention_mask, P)
             policy_loss, approx_kl, clipfrac = self.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask)
             value_loss, value_clipfrac = self.value_loss(values, micro.values, micro.returns, mask)
             self.manual_backward((policy_loss + value_loss) * weight * world_size())  # disjoint: one backward
             sums += torch.stack([policy_loss, value_loss, approx_kl, clipfrac, value_clipfrac]).detach() * weight
+        totals = all_reduce_sum(sums)  # before the step: every rank then sees the same losses and stops alike
+        if hp.guard_non_finite:
+            check_loss(self, totals[:2], "policy and value loss")
+            if engine is None:  # DeepSpeed holds the gradients itself
+                check_gradients(self, self.named_parameters())
         for opt in opts:
             if hp.max_grad_norm is not None:
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)  # uncounted: _count_iteration
-        return PPOStats(*all_reduce_sum(sums).tolist())  # every rank sees the same approx_kl, so target_kl stops all
+        return PPOStats(*totals.tolist())  # every rank sees the same approx_kl, so target_kl stops all
 
     def _count_iteration(self) -> None:
         """One trainer step per PPO iteration: advance ``global_step`` by one. `_update` steps through the strategy as
@@ -260,6 +278,8 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
 
     # --- checkpointing: generator, running moments (the rest is model, optimizer and loop state) -----------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.hparams.guard_non_finite:
+            check_weights(self)  # a checkpoint callback then never replaces a good file with a bad one
         moments = {"reward_moments": self.reward_moments.state_dict(), "value_moments": self.value_moments.state_dict()}
         checkpoint["ppo"] = {"rng": per_rank_state(self.rng().get_state()), **moments}  # rng: each rank's own
 
@@ -268,6 +288,13 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         self._rng_state, self.generator = own_state(state.get("rng"), self.global_rank, "PPO sampling generator"), None
         self.reward_moments.load_state_dict(state.get("reward_moments", RunningMoments().state_dict()))
         self.value_moments.load_state_dict(state.get("value_moments", RunningMoments().state_dict()))
+
+    def setup(self, stage: str) -> None:
+        """Check the minibatch sizes against the data module's rollout size before any model is built."""
+        rollout = getattr(getattr(self._trainer, "datamodule", None), "hparams", {}).get("rollout_batch_size")
+        if stage == "fit" and rollout is not None:
+            check_minibatches(self.hparams.mini_batch_size, self.hparams.micro_batch_size, rollout,
+                              f"data.rollout_batch_size={rollout}")
 
     def on_fit_start(self) -> None:
         getattr(self.reward_fn, "to", lambda device: None)(self.device)  # a reward model's device
@@ -278,6 +305,7 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
             return
         hp, mesh, dtype = self.hparams, self.device_mesh, fsdp2_param_dtype(self)
         policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
+        check_vocabulary("PPOModule", policy, self.spec, self.tokenizer)
         add_planned_adapters(self, policy)  # e.g. EMAReference's adapter, before sharding
         if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
             self.reference = fsdp2_shard(FrozenCopy.freeze(copy.deepcopy(policy)), mesh, dtype)

@@ -11,6 +11,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.distributed import update_global_moments
+from recipes.modules.guards import check_scores
 from recipes.modules.rl_utils import KLEstimator, RunningMoments, kl_estimate, masked_mean, terminal_scores
 from recipes.modules.types import PromptBatch, ScoredResponses
 
@@ -26,8 +27,10 @@ def score_responses(
     reward_clip: float | None,
     reward_moments: RunningMoments | None,
     device: torch.device,
+    step: int | None = None,
 ) -> ScoredResponses:
-    """Step 3: decode the responses, score them with ``reward_fn``, then standardize, clip and penalize them.
+    """Step 3: decode the responses, score them with ``reward_fn``, refuse non-finite scores (naming the rows), then
+    standardize, clip and penalize them.
 
     Args:
         reward_fn: a `recipes.modules.reward_functions.RewardFunction`, ``(prompts, responses, metadata) -> (B,)``.
@@ -39,8 +42,10 @@ def score_responses(
         missing_eos_penalty, reward_clip: the truncation penalty and the clip of
             `recipes.modules.rl_utils.terminal_scores`, applied after the standardization.
         reward_moments: merge the raw scores of every rank into these running moments, then standardize by them
-            (every rank sees the same moments); None: no standardization.
+            (every rank sees the same moments); None: no standardization. Until two scores have been seen their
+            std is undefined: the scores are then only centered.
         device: where the scores go (the reward returns them on the CPU).
+        step: the global step, named in the error about non-finite scores.
 
     Returns:
         The texts, the raw float scores and the terminal scores. Shape of each score: (b,)
@@ -48,10 +53,12 @@ def score_responses(
     rows = zip(response_ids, response_mask)
     texts = tokenizer.batch_decode([ids[:int(mask.sum())] for ids, mask in rows], skip_special_tokens=True)
     raw_scores = reward_fn(batch["prompts"], texts, batch.get("metadata")).to(device).float()
+    check_scores(raw_scores, texts, reward_fn, f"global step {step}: " if step is not None else "")
     scores = raw_scores
     if reward_moments is not None:
         update_global_moments(reward_moments, raw_scores)
-        scores = (raw_scores - reward_moments.mean) / max(reward_moments.std, 1e-8)
+        std = reward_moments.std if reward_moments.count > 1 else 1.0  # one score has no spread: center only
+        scores = (raw_scores - reward_moments.mean) / max(std, 1e-8)
     return ScoredResponses(texts, raw_scores, terminal_scores(scores, ended_with_eos, missing_eos_penalty, reward_clip))
 
 

@@ -33,6 +33,8 @@ class RankingModule(AlignmentModule):
         loss: ranking loss module; default ``RRHFLoss()``.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+        guard_non_finite: stop at a non-finite loss or gradient and refuse non-finite checkpoints
+            (`recipes.modules.base.AlignmentModule`).
     """
 
     policy: nn.Module | None  # built in configure_model (`AlignmentModule.build_network`)
@@ -45,8 +47,9 @@ class RankingModule(AlignmentModule):
         optimizer: OptimizerCallable = adamw,
         scheduler: LRSchedulerCallable | None = None,
         max_length: int | None = None,
+        guard_non_finite: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length, guard_non_finite)
         self.loss = loss if loss is not None else RRHFLoss()
         self.val_losses = nn.ModuleDict({name: MeanMetric() for name in LOSS_METRICS})
         self.val_accuracy = MeanMetric()  # weighted by the number of ordered pairs

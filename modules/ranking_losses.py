@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from recipes.modules.validation import at_least
+
 SFTReduction = Literal["sum", "mean"]
 
 
@@ -73,6 +75,8 @@ class RRHFLoss(nn.Module):
 
     def __init__(self, rank_weight: float = 1.0, sft_weight: float = 1.0, sft_reduction: SFTReduction = "sum") -> None:
         super().__init__()
+        for name, weight in (("rank_weight", rank_weight), ("sft_weight", sft_weight)):
+            at_least("RRHFLoss", name, weight, 0.0, "A negative weight ascends its term; 0 turns the term off")
         self.rank_weight, self.sft_weight, self.sft_reduction = rank_weight, sft_weight, sft_reduction
 
     def forward(self, logps: Tensor, lengths: Tensor, scores: Tensor,
@@ -123,6 +127,8 @@ class PROLoss(nn.Module):
     def __init__(self, beta: float = 0.05, reward_temperature: bool = False,
                  sft_reduction: SFTReduction = "sum") -> None:
         super().__init__()
+        at_least("PROLoss", "beta", beta, 0.0, "beta weighs the SFT term: 0 turns it off, a negative one unlearns the "
+                 "best response")
         self.beta, self.reward_temperature, self.sft_reduction = beta, reward_temperature, sft_reduction
 
     def forward(self, logps: Tensor, lengths: Tensor, scores: Tensor,

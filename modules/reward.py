@@ -37,6 +37,8 @@ class RewardModule(AlignmentModule):
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         use_margin: pass the batch's ``margin`` to the loss when the data carries one.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
+        guard_non_finite: stop at a non-finite loss or gradient and refuse non-finite checkpoints
+            (`recipes.modules.base.AlignmentModule`).
     """
 
     network_attr = "model"
@@ -51,8 +53,9 @@ class RewardModule(AlignmentModule):
         scheduler: LRSchedulerCallable | None = None,
         use_margin: bool = True,
         max_length: int | None = None,
+        guard_non_finite: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length, guard_non_finite)
         self.loss = loss if loss is not None else PairwiseRewardLoss()
         self.val_loss, self.val_margin = MeanMetric(), MeanMetric()
         self.val_accuracy = BinaryAccuracy()

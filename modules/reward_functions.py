@@ -7,9 +7,12 @@ protocol; a reward model wrapped by `recipes.modules.reward` satisfies it too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:  # transformers loads with the reward model, not with this protocol
+    from transformers import PreTrainedTokenizerBase
 
 
 @runtime_checkable
@@ -60,13 +63,40 @@ class CharacterFractionReward:
         return self.scale * torch.tensor([sum(c in self.chars for c in r) / len(r) if r else 0.0 for r in responses])
 
 
+def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str],
+                        append_eos: bool = True) -> list[list[int]]:
+    """The token ids of each ``prompt + response`` as the preference data modules build them for training
+    (`recipes.datamodules.preference.PreferenceDataModule.tokenize`): the prompt tokenized on its own with the
+    tokenizer's special tokens (a BOS where it adds one), the response on its own without, then EOS if ``append_eos``.
+
+    Tokenizing the joined text instead gives other ids wherever a response does not start with a space: SentencePiece
+    marks a word that starts a text with ``▁``, so a response ``"Put it"`` after ``"...Assistant:"`` is ``▁Put`` on its
+    own (training) but ``Put`` glued to the colon; and PPO's decoded responses lose their leading space (Llama's
+    decoder drops it). For a byte-level tokenizer without special tokens both ways give the same ids.
+
+    Args:
+        tokenizer: the reward model's tokenizer.
+        prompts, responses: aligned texts.
+        append_eos: append ``tokenizer.eos_token_id`` to every row.
+
+    Returns:
+        One list of ids per row.
+    """
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos else []
+    return [p + r + eos for p, r in zip(prompt_ids, response_ids)]
+
+
 class SequenceClassifierReward:
     """A reward-model folder (an exported ``RewardModule`` or any Hugging Face sequence-classification model with
     one label) as a `RewardFunction`.
 
     Texts are tokenized with the reward model's own tokenizer, loaded from its folder (or ``tokenizer``): the policy's
-    token ids are never fed to it, so a reward model with a different vocabulary scores correctly. The score is the
-    head's output at the last real token of ``prompt + response (+ eos)``.
+    token ids are never fed to it, so a reward model with a different vocabulary scores correctly. Prompt and response
+    are tokenized separately, exactly as in the reward model's training (`prompt_response_ids`), so PPO and evaluation
+    feed it the ids it was trained on. The score is the head's output at the last real token of
+    ``prompt + response (+ eos)``.
 
     Example::
 
@@ -143,17 +173,18 @@ class SequenceClassifierReward:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]] | None = None) -> torch.Tensor:
-        """Score ``prompt + response`` texts with the reward model, re-tokenized with its own tokenizer."""
+        """Score ``prompt + response`` pairs with the reward model, re-tokenized with its own tokenizer."""
         from recipes.modules.scalar_models import sequence_scores
 
         if self.model is None:
             self._load()
-        tok, scores = self.tokenizer, []
-        texts = [p + r for p, r in zip(prompts, responses)]
-        for start in range(0, len(texts), self.batch_size):
-            ids = tok(texts[start:start + self.batch_size], add_special_tokens=True)["input_ids"]
-            if self.append_eos:
-                ids = [row + [tok.eos_token_id] for row in ids]
+        tok, scores, prompts = self.tokenizer, [], list(prompts)
+        if len(prompts) != len(responses):
+            raise ValueError(f"SequenceClassifierReward: {len(prompts)} prompts but {len(responses)} responses; pass "
+                             "one prompt per response.")
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            ids = prompt_response_ids(tok, prompts[start:end], responses[start:end], self.append_eos)
             if self.max_length is not None:
                 self.truncated += sum(len(row) > self.max_length for row in ids)
                 ids = [row[-self.max_length:] for row in ids]

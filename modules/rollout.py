@@ -37,23 +37,27 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
 
 @torch.no_grad()
 def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: Reference, input_ids: Tensor,
-                     attention_mask: Tensor, prompt_length: int, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     attention_mask: Tensor, prompt_length: int, chunk: int, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Old log-probs, entropies, reference log-probs and values of the response tokens, ``chunk`` rows at a time,
     every model in eval mode (restored afterwards).
 
-    The reference is read through `recipes.modules.reference.Reference.logprobs`, whichever kind it is (a frozen
-    copy, or the LoRA policy with its adapters disabled or a reference adapter active). Shapes: inputs
-    ``(B, P + R)``; each output ``(B, R)``.
+    Log-probs and entropies are those of the sampling distribution of ``temperature``, ``top_k`` and ``top_p``
+    (`recipes.modules.generation.filtered_logprobs`: each model's own filtered, renormalised softmax), the rule the
+    PPO update must apply to the new policy too, so that the ratio starts at exactly 1. The reference is read through
+    `recipes.modules.reference.Reference.logprobs`, whichever kind it is (a frozen copy, or the LoRA policy with its
+    adapters disabled or a reference adapter active). Shapes: inputs ``(B, P + R)``; each output ``(B, R)``.
     """
     modes = [(m, m.training) for m in (policy, critic, reference) if isinstance(m, nn.Module)]
     for m, _ in modes:
         m.eval()
-    outs, P = [], prompt_length
+    outs, P, sampling = [], prompt_length, (temperature, top_k, top_p)  # the same rule for policy and reference
     try:
         for i in range(0, input_ids.shape[0], chunk):
             ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
-            logprobs, entropy = response_logprobs(policy, ids, att, P, with_entropy=True)
-            ref_logprobs = reference.logprobs(lambda model, ids=ids, att=att: response_logprobs(model, ids, att, P)[0])
+            logprobs, entropy = response_logprobs(policy, ids, att, P, True, *sampling)
+            ref_logprobs = reference.logprobs(
+                lambda model, ids=ids, att=att: response_logprobs(model, ids, att, P, False, *sampling)[0])
             outs.append((logprobs, entropy, ref_logprobs, response_values(critic, ids, att, P)))
     finally:
         for m, mode in modes:

@@ -16,6 +16,7 @@ from recipes.modules.generation import sample
 from recipes.modules.models import ModelSpec
 from recipes.modules.optim import adamw
 from recipes.modules.policy import completion_logprobs
+from recipes.modules.validation import at_least
 
 
 class SFTModule(AlignmentModule):
@@ -34,6 +35,8 @@ class SFTModule(AlignmentModule):
         loss_reduction: ``token`` or ``sequence`` (above).
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
         max_new_tokens, temperature: generation settings of ``predict`` (``temperature=0``: greedy).
+        guard_non_finite: stop at a non-finite loss or gradient and refuse non-finite checkpoints
+            (`recipes.modules.base.AlignmentModule`).
     """
 
     policy: torch.nn.Module | None  # built in configure_model (`AlignmentModule.build_network`)
@@ -48,8 +51,11 @@ class SFTModule(AlignmentModule):
         max_length: int | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
+        guard_non_finite: bool = True,
     ) -> None:
-        super().__init__(model, tokenizer, optimizer, scheduler, max_length)
+        at_least("SFTModule", "max_new_tokens", max_new_tokens, 1, "predict generates at least one token")
+        at_least("SFTModule", "temperature", temperature, 0.0, "0 decodes greedily, 1 samples from the policy")
+        super().__init__(model, tokenizer, optimizer, scheduler, max_length, guard_non_finite)
         self.val_nll = MeanMetric()  # token-weighted, synced across processes
         self._step_start = 0.0
 

@@ -20,7 +20,8 @@ OLD_HPARAMS = {
     RewardModule: {"use_margin": True, "max_length": 32},
     RankingModule: {"max_length": 32},
 }
-NEW_HPARAMS = {DPOModule: {"reference_batch_size": None}}  # added since, with a default
+NEW_HPARAMS = {cls: {"guard_non_finite": True} for cls in OLD_HPARAMS}  # added since, with a default
+NEW_HPARAMS[DPOModule]["reference_batch_size"] = None
 
 
 @pytest.mark.parametrize("cls", list(OLD_HPARAMS), ids=lambda c: c.__name__)

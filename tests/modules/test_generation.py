@@ -1,13 +1,26 @@
 """Sampling with a KV cache: matches Hugging Face greedy decoding, ignores left padding, stops at EOS, filters
-top-k / top-p as computed by hand, draws from that distribution by inverse CDF, is reproducible from a generator,
-and its preallocated cache equals transformers' DynamicCache."""
+top-k / top-p as computed by hand, draws from that distribution by inverse CDF and scores tokens with its log-probs
+(unchanged to the bit without filters), is reproducible from a generator, and its preallocated cache equals
+transformers' DynamicCache."""
+
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from recipes.modules.generation import CACHE, GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
-from recipes.modules.policy import position_ids_from_mask
+from recipes.modules.generation import (
+    CACHE,
+    GrowingKVLayer,
+    draw_tokens,
+    filter_logits,
+    filtered_logprobs,
+    preallocated_cache,
+    response_logprobs,
+    sample,
+    sampling_logits,
+)
+from recipes.modules.policy import logprobs_from_logits, position_ids_from_mask
 from tests.conftest import TINY_LLAMA
 
 
@@ -67,6 +80,58 @@ def test_filter_logits_by_hand():
     assert torch.equal(filter_logits(logits), logits)
 
 
+def test_filtered_logprobs_by_hand():
+    """Logits (2, 1, 0, -1), one position per token id. top_k=2 keeps {0, 1}: log p(0) = 2 - log(e^2 + e), log p(1)
+    = 1 - log(e^2 + e); token 2 lies outside and is put back into the set: 0 - log(e^2 + e + 1). top_p=0.9 keeps
+    {0, 1, 2} (probabilities 0.644, 0.237, 0.087, 0.032; mass before token 2 is 0.881 < 0.9, before token 3 0.968)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(1, 4, 4)  # (B=1, T=4, V=4): position t scores token t
+    tokens = torch.tensor([[0, 1, 2, 3]])
+    e = math.e
+    top2 = filtered_logprobs(logits, tokens, top_k=2)[0]
+    torch.testing.assert_close(top2[:3], torch.tensor([2 - math.log(e**2 + e), 1 - math.log(e**2 + e),
+                                                       -math.log(e**2 + e + 1)]))
+    torch.testing.assert_close(top2[3], torch.tensor(-1 - math.log(e**2 + e + e**-1)))
+    nucleus = filtered_logprobs(logits, tokens, top_p=0.9)[0]
+    torch.testing.assert_close(nucleus[:3], torch.tensor([2.0, 1.0, 0.0]) - math.log(e**2 + e + 1))
+
+
+def test_filtered_logprobs_take_the_nucleus_of_the_temperature_scaled_logits():
+    """Temperature 2 gives logits (1, 0.5, 0, -0.5), probabilities 0.455, 0.276, 0.167, 0.102: top_p=0.75 keeps
+    {0, 1, 2} (mass before token 2 is 0.731 < 0.75), where unscaled probabilities would keep only {0, 1} (0.881).
+    log p(0) = 1 - log(e + e^0.5 + 1)."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).expand(1, 1, 4)
+    got = filtered_logprobs(logits, torch.tensor([[0]]), temperature=2.0, top_p=0.75)
+    torch.testing.assert_close(got, torch.tensor([[1 - math.log(math.e + math.e**0.5 + 1)]]))
+    # temperature alone, no filter: the scaled softmax, 1 - log(e + e^0.5 + 1 + e^-0.5)
+    alone = filtered_logprobs(logits, torch.tensor([[0]]), temperature=2.0)
+    torch.testing.assert_close(alone, torch.tensor([[1 - math.log(math.e + math.e**0.5 + 1 + math.e**-0.5)]]))
+
+
+def test_without_filters_log_probs_and_entropy_are_the_plain_ones_to_the_bit(tiny_model, byte_tokenizer):
+    """No top-k, no top-p, temperature 1: the same arithmetic as before the filters existed (the study's runs stay
+    bit-identical); a top_k as large as the vocabulary is no filter either."""
+    logits = torch.randn(2, 5, 260, generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(0, 260, (2, 5), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(filtered_logprobs(logits, tokens), logprobs_from_logits(logits, tokens))
+    assert torch.equal(filtered_logprobs(logits, tokens, top_k=260), logprobs_from_logits(logits, tokens))
+    ids = byte_tokenizer(["hello there"], return_tensors="pt").input_ids
+    logprobs, entropy = response_logprobs(tiny_model, ids, torch.ones_like(ids), 4, with_entropy=True)
+    logits = tiny_model(input_ids=ids).logits[:, 3:-1]
+    assert torch.equal(logprobs, logprobs_from_logits(logits, ids[:, 4:]))
+    torch.testing.assert_close(entropy, torch.distributions.Categorical(logits=logits).entropy(), rtol=0, atol=0)
+
+
+def test_filtered_entropy_is_that_of_the_renormalised_set():
+    """top_k=2 on probabilities (0.5, 0.3, 0.15, 0.05): the set {0, 1} renormalised is (0.625, 0.375), entropy
+    -(0.625 log 0.625 + 0.375 log 0.375) = 0.66166."""
+    from recipes.modules.generation import filtered_entropy
+
+    kept = sampling_logits(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), torch.tensor([0]), top_k=2)
+    assert torch.isinf(kept[0, 2:]).all()
+    torch.testing.assert_close(filtered_entropy(kept), torch.tensor([-(0.625 * math.log(0.625)
+                                                                        + 0.375 * math.log(0.375))]))
+
+
 def test_sampling_is_reproducible_from_a_generator(tiny_model, byte_tokenizer):
     tok = byte_tokenizer
     enc = tok(["xy", "hello"], return_tensors="pt", padding=True, padding_side="left")
@@ -110,6 +175,10 @@ def test_draw_tokens_follows_the_filtered_distribution(settings, expected):
     temperature = settings.get("temperature", 1.0)
     filtered = filter_logits(logits[:1] / temperature, settings.get("top_k", 0), settings.get("top_p", 1.0))
     torch.testing.assert_close(filtered.softmax(-1)[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # and filtered_logprobs scores each token the sampler can draw with the same probabilities
+    kept = [i for i, p in enumerate(expected) if p > 0]
+    scored = filtered_logprobs(logits[:1, None].expand(1, len(kept), 4), torch.tensor([kept]), **settings)
+    torch.testing.assert_close(scored.exp()[0], torch.tensor(expected)[kept], rtol=1e-5, atol=1e-6)
 
 
 def test_preallocated_cache_matches_the_dynamic_cache(tiny_model, byte_tokenizer):
