@@ -104,9 +104,10 @@ def reward_rows(evals: Sequence[dict[str, Any]], stages: Mapping[str, Mapping[st
             continue
         cells = [_estimate([e[k] for e in mine]) for k in ("accuracy", "bayes_accuracy", "gold_accuracy",
                                                            "sft_gold_accuracy")]
-        gap = _estimate([e["bayes_accuracy"] - e["accuracy"] for e in mine])
+        gaps = [e["bayes_accuracy"] - e["accuracy"] for e in mine]
         scale = _estimate([e.get("standardization", {}).get("scale", math.nan) for e in mine])
-        lines.append(f"| {stages[stage]['label']} | " + " | ".join(cells) + f" | {gap} | {scale} |")
+        lines.append(f"| {stages[stage]['label']} | " + " | ".join(cells) + f" | {_estimate(gaps)} | {max(gaps):.3f} | "
+                     f"{scale} |")
     return lines
 
 
@@ -151,7 +152,7 @@ def markdown(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], st
             lines += ["", "Reward models (held-out pairs; gold accuracy leaves gold ties out; scale: the "
                       "standardization onto gold's units on SFT samples):", "",
                       "| reward model | accuracy | Bayes accuracy | gold accuracy | gold accuracy on SFT samples | "
-                      "Bayes − accuracy | scale |", "|---|---|---|---|---|---|---|", *rm]
+                      "Bayes − accuracy | worst seed | scale |", "|---|---|---|---|---|---|---|---|", *rm]
         names = sorted({name for (_, name) in fronts.get(t, {})}, key=lambda n: (n == OPTIMUM, n))
         if names:
             lines += ["", "Gold reward at matched KL to SFT (each frontier interpolated seed by seed through its "
