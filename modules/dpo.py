@@ -1,5 +1,6 @@
 """DPOModule: direct preference optimization (and IPO, SLiC hinge) against a frozen, adapter-disabled or
-precomputed reference, with chosen and rejected responses in one concatenated forward."""
+precomputed reference, or reference-free (SimPO, ORPO), with chosen and rejected responses in one concatenated
+forward."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.adapters import add_planned_adapters
 from recipes.modules.base import AlignmentModule
-from recipes.modules.losses import DPOLoss
+from recipes.modules.losses import DPOLoss, ReferenceFreePreferenceLoss
 from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
 from recipes.modules.optim import adamw
 from recipes.modules.policy import completion_logprobs, sequence_logprobs
@@ -47,7 +48,9 @@ class DPOModule(AlignmentModule):
       what it read (`recipes.modules.reference_pass`).
     - ``auto``: ``disabled_adapter`` with LoRA, else ``frozen_copy``.
 
-    A loss with ``reference_free: true`` uses no reference at all (``self.reference`` stays None).
+    A loss with ``reference_free: true`` uses no reference at all (``self.reference`` stays None), and so does a
+    `recipes.modules.losses.ReferenceFreePreferenceLoss` (``SimPOLoss``, ``ORPOLoss``; ``needs_reference = False``),
+    which is called with summed log-probs and response token counts and length-normalizes them itself.
 
     Args:
         model: the policy to build (`recipes.modules.models.ModelSpec`), built in ``configure_model``.
@@ -55,7 +58,8 @@ class DPOModule(AlignmentModule):
         loss: preference loss module; default ``DPOLoss(beta=0.1)``.
         optimizer, scheduler: factories (``class_path`` in YAML); the scheduler steps every optimizer step.
         reference_mode: see above.
-        average_logprobs: mean instead of sum of token log-probs per response (IPO variants use the mean).
+        average_logprobs: mean instead of sum of token log-probs per response (IPO variants use the mean); must
+            stay false with a `ReferenceFreePreferenceLoss`, which takes the sums and divides by the counts itself.
         reference_cache_dir: folder of the precomputed cache (default ``~/.cache/rlhf-recipes/reference_logps``,
             or ``$RLHF_RECIPES_CACHE``); must be readable by rank 0. ``cache_reference: false`` disables it.
         max_length: the data's token budget (linked by the CLI); sizes random models' position tables.
@@ -86,6 +90,9 @@ class DPOModule(AlignmentModule):
         at_least("DPOModule", "reference_batch_size", reference_batch_size, 1, "Use null for the data's batch size")
         super().__init__(model, tokenizer, optimizer, scheduler, max_length, guard_non_finite)
         self.loss = loss if loss is not None else DPOLoss(beta=0.1)
+        if isinstance(self.loss, ReferenceFreePreferenceLoss) and average_logprobs:
+            raise ValueError(f"DPOModule: average_logprobs=True with {type(self.loss).__name__}, which already "
+                             "divides the summed log-probs by the response lengths; set average_logprobs: false.")
         precomputed = self.mode == "precomputed"  # the other references need the policy: built in configure_model
         self.reference = PrecomputedTable(self._compute_table, self._table_source) if precomputed else None
         self.val_loss = MeanMetric()
@@ -94,7 +101,7 @@ class DPOModule(AlignmentModule):
     @property
     def mode(self) -> str:
         """The reference mode in effect: ``none`` for a reference-free loss, else a resolved ``reference_mode``."""
-        if getattr(self.loss, "reference_free", False):
+        if getattr(self.loss, "reference_free", False) or not getattr(self.loss, "needs_reference", True):
             return "none"
         mode = self.hparams.reference_mode
         if mode == "auto":
@@ -116,18 +123,36 @@ class DPOModule(AlignmentModule):
             return None
         return self.reference.logprobs(lambda model: self._logps(model, batch), batch["index"], split)
 
+    def _sums_and_lengths(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Summed completion log-probs and response token counts of every row, for a length-normalizing loss."""
+        logprobs, mask = completion_logprobs(self.policy, batch["input_ids"], batch["attention_mask"],
+                                             batch["completion_mask"])  # (2B, T')
+        return sequence_logprobs(logprobs, mask), mask.sum(-1).clamp(min=1)  # (2B,), (2B,); clamp as average=True
+
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, dict[str, Tensor]]:
+        if isinstance(self.loss, ReferenceFreePreferenceLoss):
+            return self._reference_free_step(batch)
         logps = self(batch)  # (2B,)
         ref_logps = self.reference_forward(batch, split)
         b = logps.shape[0] // 2
         chosen, rejected = logps[:b], logps[b:]
         ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:b], ref_logps[b:])
         losses, chosen_rewards, rejected_rewards = self.loss(chosen, rejected, ref_chosen, ref_rejected)
-        metrics = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-                   "rewards/margins": chosen_rewards - rejected_rewards,
-                   "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-                   "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
-        return losses.mean(), metrics
+        return losses.mean(), self._metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+    @staticmethod
+    def _metrics(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen: Tensor,
+                 rejected: Tensor) -> dict[str, Tensor]:
+        return {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                "rewards/margins": chosen_rewards - rejected_rewards,
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+
+    def _reference_free_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        logps, lengths = self._sums_and_lengths(batch)  # (2B,), (2B,)
+        b = logps.shape[0] // 2
+        losses, chosen_rewards, rejected_rewards = self.loss(logps[:b], logps[b:], lengths[:b], lengths[b:])
+        return losses.mean(), self._metrics(chosen_rewards, rejected_rewards, logps[:b], logps[b:])
 
     # --- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

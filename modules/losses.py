@@ -1,4 +1,5 @@
-"""Alignment losses: DPO, IPO, SLiC hinge, the Bradley-Terry reward loss, and PPO's policy and value losses.
+"""Alignment losses: DPO, IPO, SLiC hinge, reference-free SimPO and ORPO, the Bradley-Terry reward loss, and PPO's
+policy and value losses.
 
 Each is a small ``nn.Module`` holding only hyperparameters; it returns per-example (or, for PPO, already reduced)
 losses plus detached metrics, and is chosen by ``class_path`` in YAML.
@@ -275,3 +276,106 @@ class PPOValueLoss(nn.Module):
         loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
         clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
         return loss, clipfrac
+
+
+class ReferenceFreePreferenceLoss(nn.Module, ABC):
+    """Shared frame of the reference-free, length-normalized pairwise losses (SimPO, ORPO): one forward that turns
+    summed log-probs and token counts into mean token log-probs ``log pi(y) / |y|`` and applies ``pair_losses``.
+
+    ``needs_reference = False`` tells `recipes.modules.dpo.DPOModule` to build, load and run no reference model and
+    to call this forward with token counts instead of reference log-probs.
+    """
+
+    needs_reference = False
+
+    @abstractmethod
+    def pair_losses(
+        self, chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-pair loss and the detached chosen/rejected rewards from mean token log-probs. Shape: (b,) -> 3 x (b,)."""
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-pair loss.
+
+        Args:
+            policy_chosen_logps: summed log-probs of the chosen responses under the policy. Shape: (b,)
+            policy_rejected_logps: summed log-probs of the rejected responses under the policy. Shape: (b,)
+            chosen_lengths: response tokens ``|y_c|`` of each chosen response (>= 1). Shape: (b,)
+            rejected_lengths: response tokens ``|y_r|`` of each rejected response (>= 1). Shape: (b,)
+
+        Returns:
+            losses: per-pair loss. Shape: (b,)
+            chosen_rewards: the loss's detached reward of the chosen (each subclass names it). Shape: (b,)
+            rejected_rewards: the same for the rejected. Shape: (b,)
+        """
+        chosen_avg = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)  # (B,)
+        rejected_avg = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype)  # (B,)
+        return self.pair_losses(chosen_avg, rejected_avg)
+
+
+class SimPOLoss(ReferenceFreePreferenceLoss):
+    """Simple Preference Optimization loss: a length-normalized reward with a target margin and no reference.
+
+    Meng et al., arXiv 2405.14734, Eq. 6:
+    ``loss = -log sigmoid(beta / |y_c| log pi(y_c) - beta / |y_r| log pi(y_r) - gamma)``.
+
+    Defaults: ``beta = 2.0`` is the paper's setting for its Base models (its hyperparameter table; its README: "a
+    small beta, e.g. 2.0 or 2.5"); the paper and its code tune the margin as the ratio ``gamma / beta``, with the
+    README's grid {0.25, 0.3, 0.4}: ``gamma = 0.5`` is ``gamma / beta = 0.25`` (also TRL's ``simpo_gamma``).
+
+    Args:
+        beta: scale of the reward ``beta / |y| log pi(y)``.
+        gamma: target reward margin, in reward units (Eq. 6's ``gamma``, not the code's ``gamma / beta``); >= 0.
+    """
+
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5) -> None:
+        super().__init__()
+        positive("SimPOLoss", "beta", beta, "SimPO uses beta 2.0 to 2.5 (10 for Gemma 2)")
+        at_least("SimPOLoss", "gamma", gamma, 0.0, "gamma is a target margin; tune gamma / beta in 0.25-0.8")
+        self.beta = beta
+        self.gamma = gamma
+
+    def pair_losses(
+        self, chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the losses and the detached rewards ``beta * log pi(y) / |y|`` (Eq. 4)."""
+        chosen_rewards = self.beta * chosen_avg_logps  # (B,)
+        rejected_rewards = self.beta * rejected_avg_logps
+        losses = -F.logsigmoid(chosen_rewards - rejected_rewards - self.gamma)
+        return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+class ORPOLoss(ReferenceFreePreferenceLoss):
+    """Odds Ratio Preference Optimization loss: SFT on the chosen plus a log-odds-ratio penalty, no reference.
+
+    Hong et al., arXiv 2403.07691, Eq. 6-7 (with Eq. 2-4):
+    ``loss = -log P(y_c) + lam * -log sigmoid(log odds(y_c) - log odds(y_r))``, where ``log P(y) = log pi(y) / |y|``
+    (the mean token log-prob, Eq. 3), ``odds(y) = P(y) / (1 - P(y))`` (Eq. 4) and ``-log P(y_c)`` is Eq. 2's
+    length-normalized NLL.
+
+    Args:
+        lam: weight ``lambda`` of the odds-ratio term; 0.1, the paper's setting in its experiments (also TRL's
+            ``ORPOConfig.beta``).
+    """
+
+    def __init__(self, lam: float = 0.1) -> None:
+        super().__init__()
+        positive("ORPOLoss", "lam", lam, "lam 0 is plain SFT on the chosen; the paper uses 0.1")
+        self.lam = lam
+
+    def pair_losses(
+        self, chosen_avg_logps: torch.Tensor, rejected_avg_logps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the losses and the detached log-odds ``log odds(y)`` of the chosen and the rejected."""
+        # log odds = log P - log(1 - P); expm1 keeps log(1 - P) accurate when P is near 1 (log P near 0)
+        chosen_log_odds = chosen_avg_logps - torch.log(-torch.expm1(chosen_avg_logps))  # (B,)
+        rejected_log_odds = rejected_avg_logps - torch.log(-torch.expm1(rejected_avg_logps))
+        odds_ratio_loss = -F.logsigmoid(chosen_log_odds - rejected_log_odds)
+        losses = -chosen_avg_logps + self.lam * odds_ratio_loss
+        return losses, chosen_log_odds.detach(), rejected_log_odds.detach()
