@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from transformers import PreTrainedTokenizerBase
 
-from recipes.modules.export import save_pretrained
+from recipes.modules.export import model_card, save_pretrained
 from recipes.modules.guards import check_gradients, check_loss, check_weights
 from recipes.modules.models import ModelSpec, build_causal_lm
 from recipes.modules.optim import adamw, build_optimization
@@ -162,4 +162,5 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
     def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
         """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
         call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.network, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+        return save_pretrained(self.network, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer,
+                               card=model_card(self))

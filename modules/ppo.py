@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from recipes.modules.adapters import add_planned_adapters
 from recipes.modules.base import ReadsOldCheckpoints
 from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, own_state, per_rank_state, world_size
-from recipes.modules.export import save_pretrained
+from recipes.modules.export import model_card, save_pretrained
 from recipes.modules.generation import response_logprobs, response_values, sample
 from recipes.modules.guards import check_advantages, check_gradients, check_loss, check_weights
 from recipes.modules.losses import PPOPolicyLoss, PPOValueLoss
@@ -325,4 +325,5 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
     def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
         """Write the policy as a Hugging Face folder (weights, config, tokenizer); under sharding call on every
         rank, ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer)
+        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer,
+                               card=model_card(self))

@@ -6,6 +6,8 @@ and that PPO uses as its reward model and to initialize its critic (`recipes.mod
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -14,11 +16,15 @@ from torchmetrics.classification import BinaryAccuracy
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.base import AlignmentModule
+from recipes.modules.export import model_card, save_pretrained
 from recipes.modules.losses import PairwiseRewardLoss
 from recipes.modules.models import ModelSpec
 from recipes.modules.optim import adamw
 from recipes.modules.scalar_models import build_scalar_model, sequence_scores
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard_scalar
+from recipes.modules.tokenizer import appending_eos
+
+log = logging.getLogger(__name__)
 
 
 class RewardModule(AlignmentModule):
@@ -43,6 +49,14 @@ class RewardModule(AlignmentModule):
 
     network_attr = "model"
     model: nn.Module | None  # the scalar model, built in configure_model
+    input_convention = (  # written into the export's README.md
+        "Score `prompt + response` followed by the EOS token: the reward is the head's output at that last token, as "
+        "in training. The exported tokenizer appends EOS itself (tokenizer.json's post-processor, `add_eos_token: "
+        "true`), so `pipeline(\"text-classification\", model=folder, function_to_apply=\"none\")` scores the text as "
+        "given; do not append another EOS (encode with `add_special_tokens=False` to feed ids you built yourself). "
+        "`recipes.modules.tokenizer.load_tokenizer` restores the training tokenizer (no EOS appended), which "
+        "`SequenceClassifierReward` uses. A tokenizer that cannot append EOS (no `eos_appended_for_scoring` in "
+        "tokenizer_config.json) is exported as it is: append the EOS token to the text yourself.")
 
     def __init__(
         self,
@@ -106,3 +120,15 @@ class RewardModule(AlignmentModule):
         ``ModelParallelStrategy`` backbone layers and head are FSDP2 units (`sequence_scores` calls them directly)."""
         network = build_scalar_model(self.spec, self.tokenizer, self.hparams.max_length)
         return fsdp2_shard_scalar(network, self.device_mesh, fsdp2_param_dtype(self))
+
+    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
+        """`AlignmentModule.export_pretrained` with a tokenizer that appends EOS (``input_convention``) and the
+        module's model card."""
+        tokenizer = self.tokenizer
+        if tokenizer is not None and is_writer:
+            try:
+                tokenizer = appending_eos(tokenizer)
+            except TypeError as e:
+                log.warning("Reward-model export: %s", e)
+        return save_pretrained(self.network, tokenizer, path, merge_lora=merge_lora, is_writer=is_writer,
+                               card=model_card(self) if is_writer else None)

@@ -8,6 +8,7 @@ enters a loss; masks are built from lengths, never by comparing ids with the pad
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,9 @@ from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase,
 log = logging.getLogger(__name__)
 
 BUILTIN_BYTE = "builtin:byte"
+# tokenizer_config.json key of an exported reward model whose tokenizer appends EOS for plain transformers (a
+# pipeline scores the text as given); `load_tokenizer` turns it off again, since this project appends EOS itself.
+EOS_APPENDED_FOR_SCORING = "eos_appended_for_scoring"
 _BYTE_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
 
@@ -79,8 +83,36 @@ def load_tokenizer(
                 "`huggingface-cli download <id> --local-dir <folder>` (or save_pretrained) and pass that folder."
             ) from e
     apply_pad_policy(tok)
+    if tok.init_kwargs.get(EOS_APPENDED_FOR_SCORING):
+        stop_appending_eos(tok)
     tok.padding_side = padding_side
     return tok
+
+
+def appending_eos(tok: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A copy of ``tok`` that ends every text it encodes with special tokens (the default) with EOS, for the reward
+    model's export: ``pipeline("text-classification")`` then scores ``prompt + response`` as the model was trained.
+
+    The flags are stored in ``tokenizer_config.json`` as well as in ``tokenizer.json``'s post-processor, because
+    transformers 4's ``LlamaTokenizerFast`` rebuilds its post-processor from them. Raises TypeError for a tokenizer
+    whose encoding this cannot change (no ``add_eos_token`` switch, e.g. a slow tokenizer)."""
+    if tok.eos_token_id is None:
+        raise TypeError(f"{type(tok).__name__} has no EOS token to append; add one with tokenizer.add_special_tokens().")
+    out = copy.deepcopy(tok)
+    out.add_eos_token = True  # a tokenizers-backed tokenizer rebuilds its TemplateProcessing post-processor
+    if out("a")["input_ids"][-1:] != [out.eos_token_id]:
+        raise TypeError(f"{type(tok).__name__} ignores add_eos_token; append the EOS token to reward-model inputs "
+                        "yourself (the export's README.md says so).")
+    out.init_kwargs.update(add_bos_token=bool(getattr(out, "add_bos_token", False)), add_eos_token=True)
+    out.init_kwargs[EOS_APPENDED_FOR_SCORING] = True
+    return out
+
+
+def stop_appending_eos(tok: PreTrainedTokenizerBase) -> None:
+    """Undo `appending_eos` in place: the tokenizer encodes as in training, where the collators append EOS."""
+    tok.add_eos_token = False
+    tok.init_kwargs.update(add_eos_token=False)
+    tok.init_kwargs.pop(EOS_APPENDED_FOR_SCORING, None)
 
 
 def apply_pad_policy(tok: PreTrainedTokenizerBase) -> None:

@@ -21,6 +21,7 @@ import recipes.modules.models  # noqa: F401  (registers the specs a checkpoint p
 import yaml
 from recipes import legacy
 from recipes.__main__ import cli_main
+from recipes.modules.export import model_card, write_model_card
 
 
 def checkpoint_kind(ckpt_path: str) -> str:
@@ -68,7 +69,8 @@ def load_module_state(ckpt_path: str) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(config: str, ckpt_path: str, out: str, merge_lora: bool = True) -> str:
-    """Build the run's module from its config, load the checkpoint's weights, and write ``out``."""
+    """Build the run's module from its config, load the checkpoint's weights, and write ``out`` with a model card
+    (README.md) holding the run's config, data settings and hyperparameters."""
     legacy.check(["--config", config])  # an old run's config names 0.1 class paths: say so naming this file
     with open(config, encoding="utf-8") as f:
         values = yaml.safe_load(f)
@@ -89,7 +91,10 @@ def export_checkpoint(config: str, ckpt_path: str, out: str, merge_lora: bool = 
         if type(callback).__name__ == "EMAReference":
             callback.setup(cli.trainer, module, "fit")
     module.load_state_dict(load_module_state(ckpt_path))
-    return module.export_pretrained(out, merge_lora=merge_lora)
+    out = module.export_pretrained(out, merge_lora=merge_lora)
+    with open(config, encoding="utf-8") as f:  # the card of a module without its trainer: no final metrics
+        write_model_card(out, model_card(module, config=f.read(), datamodule=cli.datamodule))
+    return out
 
 
 def main() -> None:
