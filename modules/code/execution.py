@@ -19,6 +19,7 @@ import shutil
 import site
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from recipes.modules.code.host import UidLease, lease_uid, sandbox_capabilities
+from recipes.modules.code.host import LEFTOVER_KINDS, UidLease, lease_uid, sandbox_capabilities
 from recipes.modules.code.launch import communicate
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,15 @@ class UnitResult:
 
 @dataclass
 class ExecutionResult:
-    """What happened. ``status`` is ``"done"`` only when the harness reported every unit and its end marker."""
+    """What happened. ``status`` is ``"done"`` only when the harness reported every unit and its end marker.
+    ``leftovers`` counts, per kind (processes, ipc, keys, files), what outlived the program and was cleaned: inside
+    the sandbox (orphans killed after each unit, IPC objects left in its namespace) and by the host's release check."""
 
     status: Literal["done", "timeout", "crashed"]
     units: list[UnitResult] = field(default_factory=list)
     time_s: float = 0.0
     harness_stderr: str = ""
+    leftovers: dict[str, int] = field(default_factory=dict)  # what the job left behind, killed or removed: by kind
 
     @property
     def all_ok(self) -> bool:
@@ -153,16 +157,19 @@ def _spec(job: ExecutionJob, config: SandboxConfig, uid: int | None, workdir: st
 
 @contextlib.contextmanager
 def _isolation(config: SandboxConfig) -> Iterator[tuple[UidLease | None, str]]:
-    """Lease a uid (when we can setuid) and make an empty work dir it owns; remove the dir afterwards."""
+    """Lease a uid (when we can setuid) and make an empty work dir it owns; at release the lease checks the host for
+    anything of the uid left (`recipes.modules.code.host.sweep_uid`), then the dir is removed."""
     caps = sandbox_capabilities(config.python)
     if config.require_isolation and not caps.isolated:
         raise RuntimeError(f"sandbox: full isolation required but this machine supports {caps.as_dict()}")
     with contextlib.ExitStack() as stack:
-        lease = stack.enter_context(lease_uid(config.uid_base, config.uid_count)) if caps.setuid else None
         workdir = tempfile.mkdtemp(prefix="sandbox-")
-        stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # runs before the lease's release sweep
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # runs after the lease's release check
+        lease = stack.enter_context(lease_uid(config.uid_base, config.uid_count)) if caps.setuid else None
         if lease is not None:
             os.chown(workdir, lease.uid, lease.uid)
+            lease.dirs = (workdir,)
+            lease.shared_dirs = () if caps.mount_ns else _TMPFS  # else the program wrote to the host's own /tmp
         yield lease, workdir
 
 
@@ -206,20 +213,47 @@ def execute(job: ExecutionJob, config: SandboxConfig | None = None) -> Execution
         cap = len(job.inputs) * (12 * config.out_bytes + 16384) + 65536
         wall = config.wall_timeout(len(job.inputs))
         out, err, timed_out = communicate(config.python, config.fork_server, payload, wall, cap)
-        done = not timed_out and out.rstrip().endswith(f"{{'end': {len(job.inputs)}}}".encode())
+        lines = _records(out)
+        done = not timed_out and bool(lines) and lines[-1].get("end") == len(job.inputs)
         if lease is not None and done and sandbox_capabilities(config.python).pid_ns:
             lease.needs_sweep = False  # pid 1 of the namespace exited and H reaped it: the kernel killed the rest
-    lines = []
-    for raw in out.splitlines():
-        with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
-            record = ast.literal_eval(raw.decode("utf-8", "replace"))
-            if isinstance(record, dict):
-                lines.append(record)
     units = _units(job, lines, nonce)
     status = "timeout" if timed_out else ("done" if done else "crashed")
     if status == "timeout":
         units = [u if u.status != "missing" else UnitResult("timeout") for u in units]
-    return ExecutionResult(status, units, time.monotonic() - start, err.decode("utf-8", "replace")[-4096:])
+    leftovers = _leftovers(lines, lease)
+    if any(leftovers.values()):
+        (log.warning if lease is not None and any(lease.leftovers.values()) else log.info)(
+            "sandbox: the program left %s behind; all killed or removed", leftovers)
+    return ExecutionResult(status, units, time.monotonic() - start, err.decode("utf-8", "replace")[-4096:],
+                           leftovers)
+
+
+_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not thread-safe (gh-106905: "AST constructor recursion
+# depth mismatch" SystemError when execute_many's workers parse records at the same time)
+
+
+def _records(out: bytes) -> list[dict[str, Any]]:
+    """I's records, one Python literal per line; a line that does not parse (cut at the output cap) is dropped."""
+    lines = []
+    with _PARSE_LOCK:
+        for raw in out.splitlines():
+            with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+                record = ast.literal_eval(raw.decode("utf-8", "replace"))
+                if isinstance(record, dict):
+                    lines.append(record)
+    return lines
+
+
+def _leftovers(lines: list[dict[str, Any]], lease: UidLease | None) -> dict[str, int]:
+    """Counts from inside the sandbox (I's per-unit orphans, its IPC namespace at the end) plus the host's check."""
+    found = dict.fromkeys(LEFTOVER_KINDS, 0)
+    for record in lines:
+        found["processes"] += int(record.get("left", 0))
+        found["ipc"] += int(record.get("ipc", 0))
+    for kind, n in (lease.leftovers if lease is not None else {}).items():
+        found[kind] += n
+    return found
 
 
 @contextlib.contextmanager

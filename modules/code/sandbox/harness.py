@@ -4,7 +4,8 @@ stdin (marshal).
 Standard library only, imported from its cached bytecode (a script would be recompiled every launch); its libc calls
 and mount set-up are in `modules/code/sandbox/kernel.py`. Process tree:
 H (this script, root) -> unshare(net, mount, pid) -> fork I (pid 1 of the new namespace, drops to the sandbox uid)
--> fork G per test unit (runs the untrusted program). I writes one JSON record per unit to stdout, then ``{"end": n}``.
+-> fork G per test unit (runs the untrusted program). I writes one record per unit to stdout, then
+``{"end": n, "ipc": k}``.
 """
 
 import marshal
@@ -16,7 +17,7 @@ import time
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER = 1, 4, 36
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 SIGKILL = 9  # not `import signal`: it pulls in enum, functools, collections (7 ms of a 25 ms launch)
 
 if __package__:  # imported as part of the package (docs, import checks)
@@ -39,10 +40,13 @@ def _drop_privileges(spec):
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if lim.get("nproc"):
         resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"], lim["nproc"]))
+    kernel.join_fresh_session_keyring()  # as root: owned by root, so a job that adds no key charges its uid none
     if spec.get("uid") is not None:
         os.setgroups([])
         os.setresgid(spec["gid"], spec["gid"], spec["gid"])
         os.setresuid(spec["uid"], spec["uid"], spec["uid"])
+        kernel.clear_user_keyrings()  # whatever an earlier job of this uid left there (the host clears them too)
+    kernel.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # exec of a setuid-root binary gains nothing
     if spec["ns"].get("pid"):
         kernel.call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # H dies -> I dies -> the namespace dies
     kernel.call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # G (same uid) cannot ptrace I or open /proc/<I>/fd
@@ -105,7 +109,9 @@ def _run_program(spec, unit_input, rec_fd):
 
 
 def _kill_leftovers(spec, group):
-    """Kill every process G left behind (other than I) and reap them; repeat while anything is still alive."""
+    """Kill every process G left behind (other than I) and reap them; repeat while anything is still alive. Returns
+    how many there were (every process reaped here but G itself)."""
+    left = 0
     isolated = spec["ns"].get("pid") or spec.get("uid") is not None
     while True:
         if isolated:
@@ -120,10 +126,10 @@ def _kill_leftovers(spec, group):
                 except (ProcessLookupError, PermissionError):
                     pass
         try:
-            while os.waitpid(-1, os.WNOHANG)[0] != 0:
-                pass
+            while (reaped := os.waitpid(-1, os.WNOHANG)[0]) != 0:
+                left += reaped != group
         except ChildProcessError:
-            return
+            return left
         time.sleep(0.001)
 
 
@@ -195,7 +201,7 @@ def _run_unit(spec, index, unit_input):
     except (ProcessLookupError, PermissionError):
         pass
     _, wstatus = os.waitpid(pid, 0)
-    _kill_leftovers(spec, pid)
+    left = _kill_leftovers(spec, pid)
     for fd in (out_r, err_r, rec_r, pidfd):
         os.close(fd)
     if status is None:
@@ -203,7 +209,7 @@ def _run_unit(spec, index, unit_input):
     code = os.WEXITSTATUS(wstatus) if os.WIFEXITED(wstatus) else -os.WTERMSIG(wstatus)
     text = {fd: bytes(b[:cap]).decode("utf-8", "replace") for fd, b in bufs.items()}
     return {"i": index, "status": status, "code": code, "time": round(elapsed, 4),
-            "stdout": text[out_r], "stderr": text[err_r][-4096:], "record": text[rec_r]}
+            "stdout": text[out_r], "stderr": text[err_r][-4096:], "record": text[rec_r], "left": left}
 
 
 def _init_main(spec):
@@ -226,7 +232,8 @@ def _init_main(spec):
                 _emit({"i": j, "status": "skipped", "code": None, "time": 0.0, "stdout": "", "stderr": "",
                        "record": ""})
             break
-    _emit({"end": n})
+    # This IPC namespace dies with the job; count what the program left in it (the parent reports it).
+    _emit({"end": n, "ipc": kernel.count_sysv_ipc() if spec["ns"].get("pid") else 0})
 
 
 def _read_all(fd):

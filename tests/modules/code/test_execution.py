@@ -20,6 +20,7 @@ import pytest
 from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute, execute_many
 from recipes.modules.code.host import processes_of_uid, sandbox_capabilities
 from recipes.modules.code.problems import CodeProblem, evaluate_completions
+from tests.modules.code.test_host_hygiene import KEYS, keys_left, sysv_objects_of
 
 CAPS = sandbox_capabilities()
 isolated = pytest.mark.skipif(not CAPS.isolated, reason=f"needs root + namespaces; this machine: {CAPS.as_dict()}")
@@ -97,7 +98,7 @@ def detach(name, ignore_term):
 """
 
 
-def _adversaries(tmp_path: Path, secret: str, port: int, marker: str) -> dict[str, str]:
+def _adversaries(tmp_path: Path, secret: str, port: int, marker: str, setuid_id: str) -> dict[str, str]:
     host_file = tmp_path / "host.txt"
     escape = f"/tmp/sandbox-escape-{marker}"
     return {
@@ -141,13 +142,21 @@ def _adversaries(tmp_path: Path, secret: str, port: int, marker: str) -> dict[st
         "kill_parent": f"import os, signal\ndef answer():\n    for pid in (os.getppid(), {os.getpid()}, 1, -1):\n"
                        "        try:\n            os.kill(pid, signal.SIGKILL)\n        except OSError:\n"
                        "            pass\n    return 0\n",
+        # Hygiene across jobs (docs/execution.md): a key left for a later job of the same uid, a setuid-root binary.
+        "leave_key_ipc_process": KEYS + "def answer():\n    if os.fork() == 0:\n        os.setsid()\n"
+                                 "        os.execv('/bin/sleep', ['sleep', '60'])\n    _libc.shmget(0, 4096, 0o1600)\n"
+                                 f"    add_key('{marker}k', {secret!r})\n    return 0\n",
+        "read_key_of_earlier_job": KEYS + f"def answer():\n    return 42 if find_key('{marker}k') else 0\n",
+        "setuid_root_binary": "import subprocess\ndef answer():\n    out = subprocess.run("
+                              f"[{setuid_id!r}, '-u'], capture_output=True, text=True).stdout.strip()\n"
+                              "    return 42 if out == '0' else 0\n",
         "read_hidden_repo": f"def answer():\n    try:\n        open({str(Path(__file__).resolve())!r}).read()\n"
                             "        return 42\n    except OSError:\n        return 0\n",
     }
 
 
 @isolated
-def test_adversarial_programs_fail_and_leave_the_host_untouched(tmp_path, monkeypatch):
+def test_adversarial_programs_fail_and_leave_the_host_untouched(tmp_path, monkeypatch, setuid_copy):
     test_process_count_is_capped_harmlessly()  # never run a fork bomb before the cap is proven harmlessly
     secret, marker = f"s3cr3t-{secrets.token_hex(8)}", f"sbx{secrets.token_hex(4)}"
     monkeypatch.setenv("RLHF_TEST_SECRET", secret)
@@ -156,7 +165,7 @@ def test_adversarial_programs_fail_and_leave_the_host_untouched(tmp_path, monkey
     listener.bind(("127.0.0.1", 0))
     listener.listen(1)
     listener.settimeout(0)
-    programs = _adversaries(tmp_path, secret, listener.getsockname()[1], marker)
+    programs = _adversaries(tmp_path, secret, listener.getsockname()[1], marker, setuid_copy[0] or '/usr/bin/id')
     assert len(programs) >= 15
     verdicts = evaluate_completions([ANSWER] * len(programs), list(programs.values()), FAST, progress=False)
     results = dict(zip(programs, verdicts))
@@ -172,6 +181,8 @@ def test_adversarial_programs_fail_and_leave_the_host_untouched(tmp_path, monkey
     listener.close()
     assert processes_named(marker + "t") == [] and processes_named(marker + "d") == []
     assert sandbox_processes() == []
+    uids = range(FAST.uid_base, FAST.uid_base + 16)
+    assert [uid for uid in uids if sysv_objects_of(uid) or keys_left(uid) > 0] == []  # no IPC object, no key left
     assert evaluate_completions([ANSWER], ["def answer():\n    return 42\n"], FAST, progress=False)[0].passed
 
 
