@@ -125,3 +125,31 @@ def collate_ranking(examples: Sequence[RankingExample], pad_token_id: int) -> di
             scores[b, j], response_mask[b, j] = score, True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             "scores": scores, "response_mask": response_mask}
+
+
+class UnpairedExample(TypedDict, total=False):
+    """A tokenized unpaired completion (KTO). ``label`` is True for a desirable completion; ``index`` is the
+    position in its split."""
+
+    index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+
+def collate_unpaired(examples: Sequence[UnpairedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad each row's prompt + completion, and the mismatched KL batch: row ``i``'s prompt with row
+    ``(i + 1) % B``'s completion (the completions shifted by one within the batch; a one-row batch pairs the row with
+    its own completion), from which KTO estimates its reference point ``z0``.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(B, T)``; ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_completion_mask``: ``(B, T')``; ``label``: ``(B,)`` bool; ``index``: ``(B,)``.
+    """
+    rows = [{"prompt_ids": e["prompt_ids"], "response_ids": e["completion_ids"]} for e in examples]
+    mismatched = [{"prompt_ids": e["prompt_ids"], "response_ids": examples[(i + 1) % len(examples)]["completion_ids"]}
+                  for i, e in enumerate(examples)]
+    batch: dict[str, torch.Tensor] = dict(pad_prompt_response(rows, pad_token_id))
+    batch.update({f"kl_{key}": value for key, value in pad_prompt_response(mismatched, pad_token_id).items()})
+    batch["label"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+    batch["index"] = torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long)
+    return batch

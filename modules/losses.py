@@ -379,3 +379,65 @@ class ORPOLoss(ReferenceFreePreferenceLoss):
         odds_ratio_loss = -F.logsigmoid(chosen_log_odds - rejected_log_odds)
         losses = -chosen_avg_logps + self.lam * odds_ratio_loss
         return losses, chosen_log_odds.detach(), rejected_log_odds.detach()
+
+
+class KTOLoss(nn.Module):
+    """Kahneman-Tversky Optimization loss on unpaired completions, each labelled desirable or undesirable.
+
+    Ethayarajh et al., arXiv 2402.01306, Eq. 8 (with Sec. 4's implementation of ``z0``):
+    ``loss = lambda_D (1 - sigmoid(beta (r - z0)))`` for a desirable row, ``lambda_U (1 - sigmoid(beta (z0 - r)))``
+    for an undesirable one, with the implied reward ``r = log pi(y|x) - log pi_ref(y|x)`` and the reference point
+    ``z0 = max(0, KL estimate)``, detached (the paper does not backpropagate through it). The KL estimate is the mean
+    of ``log pi(y'|x) - log pi_ref(y'|x)`` over mismatched pairs ``(x, y')`` of the batch; the caller computes it
+    (`recipes.modules.kto.KTOModule`: every rank's rows, each prompt with the next row's completion).
+
+    Args:
+        beta: scale of the reward in the value function; 0.1, the paper's default (also TRL's ``KTOConfig``).
+        desirable_weight: ``lambda_D``; 1.0, the paper's default for balanced data.
+        undesirable_weight: ``lambda_U``; 1.0. With imbalanced data the paper recommends keeping
+            ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3] (``n_D``, ``n_U``: desirable and undesirable rows).
+    """
+
+    def __init__(self, beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> None:
+        super().__init__()
+        positive("KTOLoss", "beta", beta, "beta 0 trains nothing; the paper uses 0.1")
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            at_least("KTOLoss", name, weight, 0.0, "A negative weight trains towards the opposite label; use 1.0")
+        if desirable_weight == undesirable_weight == 0.0:
+            raise ValueError("KTOLoss: desirable_weight and undesirable_weight are both 0, which trains nothing. "
+                             "Use 1.0 for both (the paper's default).")
+        self.beta = beta
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+
+    def forward(
+        self,
+        policy_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        desirable: torch.Tensor,
+        kl: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the per-row loss.
+
+        Args:
+            policy_logps: summed completion log-probs ``log pi(y|x)`` under the policy. Shape: (b,)
+            ref_logps: the same under the reference model. Shape: (b,)
+            desirable: True for a desirable completion, False for an undesirable one. Shape: (b,)
+            kl: the KL estimate from mismatched pairs (any sign; clamped at 0 and detached here). Shape: ()
+
+        Returns:
+            losses: per-row loss. Shape: (b,)
+            rewards: detached implied reward ``beta * r`` (the ``rewards/chosen|rejected`` metrics). Shape: (b,)
+            z0: the detached reference point ``max(0, kl)``. Shape: ()
+            accuracies: detached 1.0 where ``r`` lies on its label's side of ``z0`` (``r > z0`` for a desirable
+                row, ``r < z0`` for an undesirable one), else 0.0. Shape: (b,)
+        """
+        logratios = policy_logps - ref_logps  # (B,) the implied reward r
+        z0 = kl.detach().clamp(min=0)
+        desirable = desirable.bool()
+        values = torch.where(desirable, torch.sigmoid(self.beta * (logratios - z0)),
+                             torch.sigmoid(self.beta * (z0 - logratios)))  # (B,) v(x, y) / lambda_y
+        weights = torch.where(desirable, self.desirable_weight, self.undesirable_weight).to(values.dtype)
+        losses = weights * (1.0 - values)
+        accuracies = torch.where(desirable, logratios > z0, logratios < z0).float().detach()
+        return losses, self.beta * logratios.detach(), z0, accuracies
