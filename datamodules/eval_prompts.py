@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from recipes.datamodules.formats import PromptFormat
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, first_rows
 from recipes.datamodules.preference_sources import PromptMismatchError, to_preference
 from recipes.datamodules.prompts import read_prompt_rows, to_prompt
 
@@ -65,9 +65,7 @@ def load_eval_prompts(spec: PromptSetSpec, tokenizer=None) -> EvalPrompts:
     prompts, chosen, origin, counts = [], [], [], {"rows": 0, "kept": 0}
     for source in files:
         records = read_prompt_rows(source, spec.split)
-        if spec.max_rows is not None and len(records) > spec.max_rows:
-            log.info("%s: using the first %d of %d rows (max_rows)", source, spec.max_rows, len(records))
-            records = records[:spec.max_rows]
+        records = first_rows(records, spec.max_rows, source)
         counter = DropCounter(source)
         for i, record in enumerate(records):
             try:

@@ -73,6 +73,14 @@ def _locate_json_error(path: str) -> DataFormatError | None:
     return None
 
 
+def first_rows(records: list[dict[str, Any]], max_rows: int | None, source: str) -> list[dict[str, Any]]:
+    """The first ``max_rows`` records (all of them when None), logging how many of how many are used."""
+    if max_rows is not None and len(records) > max_rows:
+        log.info("%s: using the first %d of %d rows (max_rows)", source, max_rows, len(records))
+        return records[:max_rows]
+    return records
+
+
 def load_records(source: str, split: str = "train", name: str | None = None) -> list[dict[str, Any]]:
     """Load every record of a local JSON/JSONL(.gz)/Parquet file or a hub dataset as a list of dicts.
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import resolve_builtin
 from recipes.datamodules.collate import PreferenceExample, collate_preference, pad_prompt_response, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text
 from recipes.datamodules.preference_sources import (
     PreferenceFormat,
     PreferenceText,
@@ -98,10 +98,7 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     def _records(self, source: str, split: str) -> tuple[str, list[dict[str, Any]]]:
         path = resolve_builtin(source)
         records = load_records(path, split=split)
-        limit = self.hparams.max_rows
-        if limit is not None and len(records) > limit:
-            log.info("%s: using the first %d of %d rows (max_rows)", path, limit, len(records))
-            records = records[:limit]
+        records = first_rows(records, self.hparams.max_rows, path)
         if not records:
             raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
         return path, records

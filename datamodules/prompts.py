@@ -16,7 +16,7 @@ from recipes.datamodules.builtin import resolve_builtin
 from recipes.datamodules.code import code_prompt_records
 from recipes.datamodules.collate import pad_prompts
 from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, first_rows, load_records, require_text
 from recipes.datamodules.resumable import ResumableLoaderMixin
 from recipes.modules.tokenizer import load_tokenizer
 from recipes.modules.validation import at_least, check_loader_args
@@ -122,9 +122,7 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
         hp, tok = self.hparams, self.tokenizer
         records = (code_prompt_records(source, hp.split) if hp.source_format == "code"
                    else read_prompt_rows(source, hp.split))
-        if hp.max_rows is not None and len(records) > hp.max_rows:
-            log.info("%s: using the first %d of %d rows (max_rows)", source, hp.max_rows, len(records))
-            records = records[: hp.max_rows]
+        records = first_rows(records, hp.max_rows, source)
         if not records:
             raise DataFormatError(source, None, None, "has no prompts (0 rows)", "point `data` at a non-empty file")
         counter, rows = DropCounter(source), []

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import BUILTIN_PREFIX, resolve_builtin
 from recipes.datamodules.collate import RankingExample, collate_ranking, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text
 from recipes.datamodules.preference_sources import generic_pair, hh_pair, parse_rows
 from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.modules.cache import cache_dir
@@ -168,9 +168,7 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
         hp = self.hparams
         path = _resolve(source)
         records = load_records(path, split=split)
-        if hp.max_rows is not None and len(records) > hp.max_rows:
-            log.info("%s: using the first %d of %d rows (max_rows)", path, hp.max_rows, len(records))
-            records = records[: hp.max_rows]
+        records = first_rows(records, hp.max_rows, path)
         counter, out = DropCounter(path), []
 
         def parse(record: dict[str, Any], row: int) -> RankingText:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import resolve_builtin
 from recipes.datamodules.collate import CausalLMBatch, TokenizedExample, pad_prompt_response, truncate_pair
 from recipes.datamodules.formats import HUMAN, PromptFormat, alpaca_prompt, format_prompt, split_hh_dialogue
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, first_rows, load_records, require_text
 from recipes.datamodules.preference_sources import saferlhf_safe_responses
 from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.modules.tokenizer import load_tokenizer
@@ -112,9 +112,7 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         hp = self.hparams
         path = resolve_builtin(source)
         records = load_records(path, split=hp.split)
-        if hp.max_rows is not None and len(records) > hp.max_rows:
-            log.info("%s: using the first %d of %d rows (max_rows)", path, hp.max_rows, len(records))
-            records = records[: hp.max_rows]
+        records = first_rows(records, hp.max_rows, path)
         if not records:
             raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
         pairs, dropped = [], DropCounter(path)

@@ -159,6 +159,15 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimization(self, self.network.parameters(), self.optimizer_factory, self.scheduler_factory)
 
+    def train(self, mode: bool = True) -> AlignmentModule:
+        """Lightning switches the whole module to train mode; a frozen reference module (``self.reference``, as DPO
+        and KTO hold) stays in eval (no dropout)."""
+        super().train(mode)
+        reference = getattr(self, "reference", None)
+        if isinstance(reference, nn.Module):
+            reference.eval()
+        return self
+
     def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
         """Write a Hugging Face folder (weights, config, tokenizer) that plain transformers loads. Under sharding,
         call on every rank (the weights are gathered collectively); ``is_writer`` marks the rank that writes."""

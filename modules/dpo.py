@@ -163,13 +163,6 @@ class DPOModule(AlignmentModule):
             self.log(name, values.mean(), prog_bar=name == "rewards/accuracies", batch_size=b)
         return loss
 
-    def train(self, mode: bool = True) -> DPOModule:
-        """Lightning switches the whole module to train mode; the frozen reference stays in eval (no dropout)."""
-        super().train(mode)
-        if isinstance(self.reference, nn.Module):
-            self.reference.eval()
-        return self
-
     # --- validation -------------------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         loss, metrics = self._step(batch, "val")

@@ -1,5 +1,7 @@
-"""``python -m recipes study``: parse the study config, write each seed's testbed, run every stage's fit and
-evaluation as a dependency graph over ``workers`` processes (with a progress bar), then write the report."""
+"""``python -m recipes study``: train and compare the study's methods on its tracks' built-in testbeds.
+
+Parse the study config, write each seed's testbed per track, run every stage's fit and evaluation as a dependency
+graph over ``workers`` processes (with a progress bar), then write the report (`recipes.study.report`)."""
 
 from __future__ import annotations
 
@@ -166,7 +168,7 @@ def execute(jobs: dict[str, tuple[Job, set[str]]], workers: int) -> dict[str, di
     from tqdm.auto import tqdm
 
     results: dict[str, dict[str, Any]] = {}
-    pending, running = dict(jobs), {}
+    pending, running, started = dict(jobs), {}, {}
     ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool, \
             tqdm(total=len(jobs), desc="study", unit="job") as bar:
@@ -174,10 +176,15 @@ def execute(jobs: dict[str, tuple[Job, set[str]]], workers: int) -> dict[str, di
             ready = [k for k, (_, deps) in pending.items() if deps <= results.keys()]
             for key in ready[:max(0, workers - len(running))]:  # pending keeps seed-major order
                 running[pool.submit(run_job, pending.pop(key)[0])] = key
+                started[key] = time.perf_counter()
             if not running:
                 missing = {k: sorted(d - results.keys()) for k, (_, d) in pending.items()}
                 raise RuntimeError(f"study: jobs wait on jobs that do not exist: {missing}")
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(running, timeout=2.0, return_when=cf.FIRST_COMPLETED)
+            if not done:  # a long job: show what runs and for how long, so the bar never sits still
+                now = time.perf_counter()
+                bar.set_postfix_str(", ".join(f"{k} {now - started[k]:.0f}s" for k in running.values()))
+                continue
             for future in done:
                 key = running.pop(future)
                 try:
