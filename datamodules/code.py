@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from recipes.datamodules.io import DataFormatError, load_records, require_text
+from recipes.datamodules.io import DataFormatError, load_records, optional_text, require_text
 from recipes.modules.code.problems import CodeProblem
 
 Format = Literal["auto", "humaneval", "apps", "code_contests"]
@@ -74,7 +74,7 @@ def apps_problem(row: Mapping[str, Any], source: str, index: int) -> CodeProblem
     if task_id is None:
         raise DataFormatError(source, index, "problem_id", "missing", "APPS rows are identified by problem_id")
     question = require_text(row, "question", source, index)
-    starter = row.get("starter_code") or ""
+    starter = optional_text(row, "starter_code", source, index)
     return CodeProblem(str(task_id), apps_prompt(question, starter, bool(fn_name)), "call" if fn_name else "stdio",
                        tests, outputs, prefix=APPS_HEADER, entry_point=fn_name, difficulty=row.get("difficulty"),
                        source="apps")

@@ -9,12 +9,14 @@ imperfect demonstrations.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 from typing import Any
 
 from recipes.datamodules.builtin import BUILTIN_PREFIX
+from recipes.datamodules.mixture import DataSource
 from recipes.datamodules.sft import SFTDataModule
 from recipes.modules.cache import cache_dir
 from recipes.modules.code.problems import CodeProblem
@@ -91,5 +93,7 @@ class CodeSynthesisSFTDataModule(SFTDataModule):
         CodeSynthesisSFTDataModule(data="builtin:code_sft", source_format="prompt_response", prompt_format="plain")
     """
 
-    def _read(self, source: str):
+    def _read(self, source: str | DataSource):
+        if isinstance(source, DataSource):  # a mixture's source: resolve its path, keep its own settings
+            return super()._read(dataclasses.replace(source, path=resolve_code_builtin(source.path)))
         return super()._read(resolve_code_builtin(source))

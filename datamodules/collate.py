@@ -4,7 +4,7 @@ and completion masks (masks come from lengths, not ids)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 
@@ -12,15 +12,19 @@ from recipes.modules.types import PromptBatch
 
 
 class TokenizedExample(TypedDict):
+    """A tokenized SFT example. ``loss_mask`` (a chat conversation's, one entry per response token): 1 on the tokens
+    the loss reads (the assistant's), 0 on the other turns in between; absent, the loss reads every response token."""
+
     prompt_ids: list[int]
     response_ids: list[int]
+    loss_mask: NotRequired[list[int]]
 
 
 class CausalLMBatch(TypedDict):
     """A right-padded batch of prompt + response sequences.
 
     Shapes: all ``(B, T)``. ``completion_mask`` is 1 on response tokens (the targets of the loss), 0 on prompt and
-    padding tokens.
+    padding tokens (and on the response tokens an example's ``loss_mask`` marks 0).
     """
 
     input_ids: torch.Tensor
@@ -30,7 +34,8 @@ class CausalLMBatch(TypedDict):
 
 def pad_prompt_response(examples: Sequence[TokenizedExample], pad_token_id: int,
                         pad_to_multiple_of: int = 1) -> CausalLMBatch:
-    """Concatenate prompt and response per row and right-pad to the longest row (rounded up to a multiple)."""
+    """Concatenate prompt and response per row and right-pad to the longest row (rounded up to a multiple); the
+    completion mask covers each response, or where it has one, its ``loss_mask``."""
     lengths = [len(e["prompt_ids"]) + len(e["response_ids"]) for e in examples]
     width = max(lengths)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -41,7 +46,7 @@ def pad_prompt_response(examples: Sequence[TokenizedExample], pad_token_id: int,
         p, n = len(e["prompt_ids"]), lengths[i]
         input_ids[i, :n] = torch.tensor(e["prompt_ids"] + e["response_ids"], dtype=torch.long)
         attention_mask[i, :n] = 1
-        completion_mask[i, p:n] = 1
+        completion_mask[i, p:n] = torch.tensor(e["loss_mask"], dtype=torch.long) if "loss_mask" in e else 1
     return CausalLMBatch(input_ids=input_ids, attention_mask=attention_mask, completion_mask=completion_mask)
 
 

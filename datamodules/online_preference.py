@@ -21,6 +21,7 @@ from recipes.datamodules.resumable import ResumableLoaderMixin
 from recipes.modules.distributed import own_state, per_rank_state
 from recipes.modules.generation import sample
 from recipes.modules.guards import check_scores
+from recipes.modules.sharding import unsharded
 from recipes.modules.tokenizer import load_tokenizer
 from recipes.modules.validation import at_least, check_loader_args
 
@@ -83,7 +84,8 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
     checkpoint); a run killed inside a round trains on the same pairs from the next unseen batch, and a run killed
     between rounds generates the next round exactly as an uninterrupted run does. The reference reset belongs to
     `recipes.callbacks.dpo_iter.DPOIterRound`. With several processes each rank generates a strided share of the round's
-    prompts and the pairs are all-gathered, so every rank holds the same list (then sharded by the sampler).
+    prompts and the pairs are all-gathered in prompt order, so every rank holds the list one process would build
+    (then sharded by the sampler); under FSDP2 the policy samples on weights gathered once (`unsharded`).
 
     Args:
         reward: a `recipes.modules.reward_functions.RewardFunction` (``class_path``).
@@ -185,20 +187,15 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
             self.reward_fn.to(device)
         # 2. k samples per prompt, prompt-major: sequences i*k ... i*k + k - 1 answer prompt i
         seqs = [row for row in local for _ in range(hp.k)]
-        chunk, responses = hp.generation_batch_size or max(1, len(seqs)), []
-        for start in range(0, len(seqs), chunk):
-            batch = pad_prompts(seqs[start:start + chunk], tok.pad_token_id)
-            gen = sample(policy, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                         self.max_new_tokens, tok.eos_token_id, tok.pad_token_id, hp.temperature, hp.top_k, hp.top_p,
-                         generator=self.rng(device))
-            lengths = gen.response_mask.sum(1).tolist()
-            responses += [ids[:n] for ids, n in zip(gen.response_ids.tolist(), lengths)]
+        with unsharded(policy):  # FSDP2: weights gathered once, so each rank may stop sampling on its own
+            responses = self.sample_responses(policy, seqs, device)
         # 3. score the texts (stop token stripped)
         texts = tok.batch_decode(responses, skip_special_tokens=True)
         rewards = self.reward_fn([r["prompt"] for r in seqs], texts, [r["metadata"] for r in seqs]).float().cpu()
         check_scores(rewards.to(device), texts, self.reward_fn, f"DPO-Iter round {round_}: ")
         # 4. pairs
         examples, counts = [], {"ties": 0, "below_margin": 0, "identical": 0}
+        order = []  # each pair's prompt position in the round (rank r holds positions r, r + world, ...)
         for i, row in enumerate(local):
             pairs, dropped = form_pairs(rewards[i * hp.k:(i + 1) * hp.k].tolist(), hp.pairing, hp.margin)
             for key, n in dropped.items():
@@ -210,12 +207,13 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
                     continue
                 examples.append(PreferenceExample(prompt_ids=list(row["input_ids"]), chosen_ids=chosen,
                                                   rejected_ids=rejected))
+                order.append(i * world + rank)
         stats = torch.tensor([rewards.sum().item(), float(len(rewards)), float(len(examples)), counts["ties"],
                               counts["below_margin"], counts["identical"]], dtype=torch.float64)
-        if world > 1:  # every rank trains on every pair; the sampler shards them again
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, examples)
-            examples = [e for part in gathered for e in part]
+        if world > 1:  # every rank trains on every pair, in prompt order as one process has them; the sampler
+            gathered: list[Any] = [None] * world  # shards them again
+            torch.distributed.all_gather_object(gathered, list(zip(order, examples)))
+            examples = [e for _, e in sorted((p for part in gathered for p in part), key=lambda p: p[0])]
             stats = self.trainer.strategy.reduce(stats.to(device), reduce_op="sum").cpu()
         for i, example in enumerate(examples):
             example["index"] = i
@@ -231,6 +229,20 @@ class OnlinePreferenceDataModule(ResumableLoaderMixin, L.LightningDataModule):
                                f"{int(ties)} ties, {int(below)} within the margin). Raise data.k or data.temperature, "
                                "or lower data.margin.")
         return examples
+
+    def sample_responses(self, policy: nn.Module, seqs: list[dict[str, Any]], device: torch.device) -> list[list[int]]:
+        """Step 2's sampling: the response token ids (stop token included, padding cut) of each prompt row in
+        ``seqs``, ``generation_batch_size`` rows at a time, from the checkpointed generator."""
+        hp, tok = self.hparams, self.tokenizer
+        chunk, responses = hp.generation_batch_size or max(1, len(seqs)), []
+        for start in range(0, len(seqs), chunk):
+            batch = pad_prompts(seqs[start:start + chunk], tok.pad_token_id)
+            gen = sample(policy, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                         self.max_new_tokens, tok.eos_token_id, tok.pad_token_id, hp.temperature, hp.top_k, hp.top_p,
+                         generator=self.rng(device))
+            lengths = gen.response_mask.sum(1).tolist()
+            responses += [ids[:n] for ids, n in zip(gen.response_ids.tolist(), lengths)]
+        return responses
 
     def rng(self, device: torch.device) -> torch.Generator:
         """The sampling generator on ``device`` (seeded with ``seed + rank``; its state is checkpointed)."""

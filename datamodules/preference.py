@@ -1,4 +1,5 @@
-"""PreferenceDataModule: (prompt, chosen, rejected) pairs from HH-RLHF, PKU-SafeRLHF or generic JSONL/Parquet files.
+"""PreferenceDataModule: (prompt, chosen, rejected) pairs from HH-RLHF, PKU-SafeRLHF, generic or conversational
+(chat ``messages``) JSONL/Parquet files, from one source or a weighted mixture of several.
 
 One code path for every source: a format adapter (`recipes.datamodules.preference_sources`) turns each record into
 texts, which are tokenized once, truncated to the budget with counts, and batched as one concatenated ``(2B, T)`` batch
@@ -10,16 +11,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from recipes.datamodules.builtin import resolve_builtin
+from recipes.datamodules.chat import set_chat_template
 from recipes.datamodules.collate import PreferenceExample, collate_preference, pad_prompt_response, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
 from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text
+from recipes.datamodules.mixture import DataSource, as_plain, check_sources, mix_sources, resolve
 from recipes.datamodules.preference_sources import (
     PreferenceFormat,
     PreferenceText,
@@ -40,10 +43,14 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     Args:
         tokenizer: tokenizer id or path (see `recipes.modules.tokenizer.load_tokenizer`), loaded at construction so the
             CLI can link it into the model.
-        data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``.
+        data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``; or a
+            mixture: a list of weighted sources (`recipes.datamodules.mixture.DataSource`), each held out apart.
         source_format: ``hh`` (raw HH-RLHF ``chosen``/``rejected`` dialogues), ``saferlhf`` (PKU-SafeRLHF, paper's
-            rule) or ``generic`` (``prompt``/``chosen``/``rejected``); see `recipes.datamodules.preference_sources`.
+            rule), ``generic`` (``prompt``/``chosen``/``rejected``) or ``messages`` (``chosen``/``rejected`` chat
+            message lists, whole conversations or the answers to a ``prompt`` list, rendered with the chat
+            template); see `recipes.datamodules.preference_sources`.
         prompt_format: how ``saferlhf``/``generic`` prompts are rendered (``plain``, ``hh``, ``alpaca``, ``chat``).
+        chat_template: a Jinja chat template (a file's path or its text) for the tokenizer; None: its own.
         split, val_split: dataset splits read from ``data`` and ``val_data`` (hub ids have train/test).
         val_data: a separate validation source; without it ``val_fraction`` of the pairs are held out (seeded).
         predict_data: a file of ``{prompt, response}`` rows for ``predict`` (reward-model scoring).
@@ -63,7 +70,7 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str = "builtin:byte",
-        data: str = "builtin:preference",
+        data: str | list[DataSource] = "builtin:preference",
         source_format: PreferenceFormat = "generic",
         prompt_format: PromptFormat = "plain",
         split: str = "train",
@@ -80,8 +87,11 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_prompt_mismatch: bool = False,
         margin_field: str | None = None,
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
+        self.sources = check_sources("PreferenceDataModule", data, get_args(PreferenceFormat))
+        data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
@@ -90,27 +100,32 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         check_loader_args("PreferenceDataModule", "batch_size", batch_size, num_workers, max_rows)
         check_val_fraction("PreferenceDataModule", val_fraction)
         self.tokenizer = load_tokenizer(tokenizer)
+        set_chat_template(self.tokenizer, chat_template)
+        self.counts: dict[str, int] = {}  # a mixture's rows per source, drops and truncations by source
         self.train_set: list[PreferenceExample] = []
         self.val_set: list[PreferenceExample] = []
         self.predict_set: list[dict[str, list[int]]] = []
 
     # --- reading ----------------------------------------------------------------------------------------------
-    def _records(self, source: str, split: str) -> tuple[str, list[dict[str, Any]]]:
+    def _records(self, source: str, split: str, max_rows: int | None = None) -> tuple[str, list[dict[str, Any]]]:
         path = resolve_builtin(source)
         records = load_records(path, split=split)
-        records = first_rows(records, self.hparams.max_rows, path)
+        records = first_rows(records, max_rows if max_rows is not None else self.hparams.max_rows, path)
         if not records:
             raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
         return path, records
 
-    def read_pairs(self, source: str, split: str = "train") -> tuple[list[PreferenceText], list[float | None]]:
-        """Parse every record of ``source`` into text pairs (and margins), dropping with counts where configured."""
+    def read_pairs(self, source: str | DataSource,
+                   split: str = "train") -> tuple[list[PreferenceText], list[float | None]]:
+        """Parse every record of ``source`` (a path with the module's settings, or a mixture's source with its own)
+        into text pairs (and margins), dropping with counts where configured."""
         hp = self.hparams
-        path, records = self._records(source, split)
+        source = resolve(source, hp.source_format, split, hp.max_rows)
+        path, records = self._records(source.path, source.split, source.max_rows)
         pairs, margins, dropped = [], [], DropCounter(path)
 
         def parse(record: dict[str, Any], row: int) -> PreferenceText:
-            return to_preference(record, hp.source_format, hp.prompt_format, path, row, self.tokenizer)
+            return to_preference(record, source.source_format, hp.prompt_format, path, row, self.tokenizer)
 
         for i, pair in parse_rows(records, parse, dropped, hp.drop_empty, hp.drop_prompt_mismatch):
             if pair.chosen == pair.rejected:
@@ -120,6 +135,7 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
             margins.append(read_margin(records[i], hp.margin_field, path, i) if hp.margin_field else None)
         dropped.report(len(records))
         self.drop_counts = dict(dropped.items())
+        self.counts.update({f"{path}: {reason}": n for reason, n in dropped.items()})
         if not pairs:
             raise DataFormatError(path, None, None, "has no usable pairs after dropping (see the counts logged)")
         return pairs, margins
@@ -150,15 +166,16 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
             out.append(example)
         counter.report(len(pairs))
         self.truncation_counts = dict(counter.items())
+        self.counts.update({f"{source}: {reason}": n for reason, n in counter.items()})
         if not out:
             raise DataFormatError(source, None, None, f"has no pair left after fitting {len(pairs)} pairs into "
                                   f"max_length={self.max_length} tokens: {self.truncation_counts}",
                                   "raise data.max_length so that chosen and rejected still differ")
         return out
 
-    def _read(self, source: str, split: str) -> list[PreferenceExample]:
+    def _read(self, source: str | DataSource, split: str) -> list[PreferenceExample]:
         pairs, margins = self.read_pairs(source, split)
-        return self.tokenize(pairs, margins, resolve_builtin(source))
+        return self.tokenize(pairs, margins, resolve_builtin(source if isinstance(source, str) else source.path))
 
     def _read_predict(self, source: str) -> list[dict[str, list[int]]]:
         path, records = self._records(source, "train")
@@ -182,11 +199,20 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
             return
         if self.train_set or self.val_set:
             return
-        examples = self._read(hp.data, hp.split)
-        if hp.val_data is not None:
-            self.train_set, self.val_set = examples, self._read(hp.val_data, hp.val_split)
+        if self.sources is not None:  # a mixture: each source held out apart, its training pairs weighted
+            holdout = None if hp.val_data is not None else \
+                (lambda pairs, source: self.holdout(pairs, hp.val_fraction, hp.seed, source.path))
+            self.train_set, self.val_set, counts = mix_sources(self.sources, lambda s: self._read(s, hp.split),
+                                                               hp.seed, holdout)
+            self.counts.update(counts)
+            if hp.val_data is not None:
+                self.val_set = self._read(hp.val_data, hp.val_split)
         else:
-            self.train_set, self.val_set = self.holdout(examples, hp.val_fraction, hp.seed, hp.data)
+            examples = self._read(hp.data, hp.split)
+            if hp.val_data is not None:
+                self.train_set, self.val_set = examples, self._read(hp.val_data, hp.val_split)
+            else:
+                self.train_set, self.val_set = self.holdout(examples, hp.val_fraction, hp.seed, hp.data)
         for split in (self.train_set, self.val_set):
             for i, example in enumerate(split):
                 example["index"] = i
@@ -195,6 +221,10 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
         return collate_preference(examples, self.tokenizer.pad_token_id)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out split, as in validation (set ``val_data`` to a separate test file to evaluate on it)."""
+        return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.predict_set, batch_size=self.batch_size, shuffle=False,

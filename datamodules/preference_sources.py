@@ -1,7 +1,8 @@
 """Format adapters for preference data: each turns one raw record into ``(prompt, chosen, rejected)`` texts.
 
 HH-RLHF raw dialogues, PKU-SafeRLHF (with the paper's safe-then-helpful rule and a safe-responses-only SFT view),
-and generic ``{prompt, chosen, rejected}`` rows. Errors name the file, the row and the field.
+generic ``{prompt, chosen, rejected}`` rows and conversational rows (``messages``: chat message lists, rendered with
+the tokenizer's chat template). Errors name the file, the row and the field.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from typing import Any, Literal, NamedTuple
 
 from transformers import PreTrainedTokenizerBase
 
+from recipes.datamodules.chat import preference_conversations, split_last_turn
 from recipes.datamodules.formats import HUMAN, PromptFormat, format_prompt, split_hh_dialogue
-from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, EmptyFieldError, require_text, require_value
 
-PreferenceFormat = Literal["hh", "saferlhf", "generic"]
+PreferenceFormat = Literal["hh", "saferlhf", "generic", "messages"]
 
 
 class PreferenceText(NamedTuple):
@@ -62,10 +64,8 @@ def hh_pair(record: Mapping[str, Any], source: str, row: int) -> PreferenceText:
 
 
 def _binary(record: Mapping[str, Any], field: str, source: str, row: int, kind: type) -> Any:
-    if field not in record or record[field] is None:
-        raise DataFormatError(source, row, field, "missing", "PKU-SafeRLHF rows need prompt, response_0, response_1, "
-                              "better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe")
-    value = record[field]
+    value = require_value(record, field, source, row, "PKU-SafeRLHF rows need prompt, response_0, response_1, "
+                          "better_response_id, safer_response_id, is_response_0_safe, is_response_1_safe")
     ok = isinstance(value, bool) if kind is bool else (isinstance(value, int) and not isinstance(value, bool)
                                                        and value in (0, 1))
     if not ok:
@@ -116,16 +116,41 @@ def generic_pair(record: Mapping[str, Any], source: str, row: int, prompt_format
     return PreferenceText(format_prompt(prompt, prompt_format, tokenizer), chosen, rejected)
 
 
+def messages_pair(record: Mapping[str, Any], source: str, row: int,
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> PreferenceText:
+    """Conversational row -> (prompt, chosen, rejected) texts through the chat template: ``chosen`` / ``rejected``
+    whole conversations that differ only in their last assistant message, or ``prompt`` the conversation and
+    ``chosen`` / ``rejected`` the answers (`recipes.datamodules.chat.preference_conversations`). The prompt is the
+    rendering before the last answer (with the generation prompt), each response that answer's piece
+    (`recipes.datamodules.chat.split_last_turn`): the ids SFT learns for the same conversation's last turn."""
+    if tokenizer is None:
+        raise ValueError("source_format 'messages' needs the tokenizer (its chat template renders the rows).")
+    _, chosen, rejected = preference_conversations(record, source, row)
+    texts = {}
+    for field, conversation in (("chosen", chosen), ("rejected", rejected)):
+        texts[field] = split_last_turn(tokenizer, conversation, source, row, field)
+        _check_response(texts[field][1], source, row, field)
+    (prompt, chosen_text), (other_prompt, rejected_text) = texts["chosen"], texts["rejected"]
+    if prompt != other_prompt:
+        raise PromptMismatchError(source, row, "rejected", "its conversation before the last answer renders "
+                                  "differently from the chosen one", "give both the same turns before their final "
+                                  "answers, or set drop_prompt_mismatch: true to drop such pairs with a count")
+    return PreferenceText(prompt, chosen_text, rejected_text)
+
+
 def to_preference(record: Mapping[str, Any], source_format: PreferenceFormat, prompt_format: PromptFormat,
                   source: str, row: int, tokenizer: PreTrainedTokenizerBase | None = None) -> PreferenceText:
-    """Dispatch one raw record to its format adapter (HH rows keep their own dialogue format)."""
+    """Dispatch one raw record to its format adapter (HH rows keep their own dialogue format, ``messages`` rows the
+    chat template)."""
     if source_format == "hh":
         return hh_pair(record, source, row)
     if source_format == "saferlhf":
         return saferlhf_pair(record, source, row, prompt_format, tokenizer)
     if source_format == "generic":
         return generic_pair(record, source, row, prompt_format, tokenizer)
-    raise ValueError(f"Unknown preference source_format {source_format!r}; choose hh, saferlhf or generic.")
+    if source_format == "messages":
+        return messages_pair(record, source, row, tokenizer)
+    raise ValueError(f"Unknown preference source_format {source_format!r}; choose hh, saferlhf, generic or messages.")
 
 
 def read_margin(record: Mapping[str, Any], field: str, source: str, row: int) -> float:

@@ -1,7 +1,8 @@
 """RankingDataModule: k >= 2 scored responses per prompt (RRHF, PRO), batched as ``(B, k, T)``.
 
 Sources: generic ``{prompt, responses, scores}`` rows, raw HH-RLHF pairs and ``{prompt, chosen, rejected}`` rows (as
-k = 2 with scores 1 and 0), and ``builtin:ranking``, a small learnable set written on demand. Responses are sorted by
+k = 2 with scores 1 and 0), and ``builtin:ranking``, a small learnable set written on demand; one source or a
+weighted mixture. Responses are sorted by
 score (descending, ties in file order); drops, ties and truncations are counted and logged.
 """
 
@@ -13,7 +14,7 @@ import math
 import os
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import lightning as L
 import torch
@@ -22,7 +23,8 @@ from torch.utils.data import DataLoader
 from recipes.datamodules.builtin import BUILTIN_PREFIX, resolve_builtin
 from recipes.datamodules.collate import RankingExample, collate_ranking, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text, require_value
+from recipes.datamodules.mixture import DataSource, as_plain, check_sources, mix_sources, resolve
 from recipes.datamodules.preference_sources import generic_pair, hh_pair, parse_rows
 from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.modules.cache import cache_dir
@@ -76,12 +78,11 @@ def ranking_row(record: Mapping[str, Any], source: str, row: int, prompt_format:
                 tokenizer=None) -> RankingText:
     """Generic ``{prompt, responses: [str], scores: [float]}`` row -> texts, or a `DataFormatError` naming the field."""
     prompt = require_text(record, "prompt", source, row)
+    needs = "ranking rows need prompt, responses (a list of texts) and scores (a list of numbers, one per response)"
     for field in ("responses", "scores"):
-        value = record.get(field)
+        value = require_value(record, field, source, row, needs)
         if not isinstance(value, list):
-            problem = "missing" if value is None else f"expected a list, got {type(value).__name__}"
-            raise DataFormatError(source, row, field, problem, "ranking rows need prompt, responses (a list of "
-                                  "texts) and scores (a list of numbers, one per response)")
+            raise DataFormatError(source, row, field, f"expected a list, got {type(value).__name__}", needs)
     responses, scores = record["responses"], record["scores"]
     if len(responses) != len(scores):
         raise DataFormatError(source, row, "scores", f"has {len(scores)} entries for {len(responses)} responses",
@@ -130,7 +131,8 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
 
     Args:
         tokenizer: tokenizer id or path (`recipes.modules.tokenizer.load_tokenizer`); linked into the model by the CLI.
-        data: local JSON/JSONL(.gz)/Parquet file, hub id, or ``builtin:ranking``.
+        data: local JSON/JSONL(.gz)/Parquet file, hub id, or ``builtin:ranking``; or a mixture: a list of weighted
+            sources (`recipes.datamodules.mixture.DataSource`), each held out apart.
         source_format: ``ranking`` (``prompt``, ``responses``, ``scores``), ``hh`` (raw HH-RLHF ``chosen``/``rejected``
             dialogues, split at the last ``\\n\\nAssistant:``) or ``pairs`` (``prompt``, ``chosen``, ``rejected``).
         prompt_format: how ``ranking``/``pairs`` prompts are rendered; HH rows keep their dialogue format.
@@ -144,13 +146,15 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_prompt_mismatch: drop HH pairs whose two dialogues differ before the last assistant turn, counted.
     """
 
-    def __init__(self, tokenizer: str = "builtin:byte", data: str = BUILTIN_RANKING,
+    def __init__(self, tokenizer: str = "builtin:byte", data: str | list[DataSource] = BUILTIN_RANKING,
                  source_format: RankingFormat = "ranking", prompt_format: PromptFormat = "plain",
                  split: str = "train", val_data: str | None = None, val_split: str = "train",
                  val_fraction: float = 0.05, max_length: int = 512, max_prompt_length: int | None = None,
                  batch_size: int = 8, num_workers: int = 0, max_rows: int | None = None, drop_empty: bool = False,
                  drop_prompt_mismatch: bool = False, seed: int = 0) -> None:
         super().__init__()
+        self.sources = check_sources("RankingDataModule", data, get_args(RankingFormat))
+        data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
@@ -163,16 +167,18 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
         self.val_set: list[RankingExample] = []
         self.counts: dict[str, int] = {}
 
-    def read(self, source: str, split: str = "train") -> list[RankingText]:
-        """Parse, sort and dedupe every record of ``source``; drops and ties are counted and logged."""
+    def read(self, source: str | DataSource, split: str = "train") -> list[RankingText]:
+        """Parse, sort and dedupe every record of ``source`` (a path with the module's settings, or a mixture's
+        source with its own); drops and ties are counted and logged."""
         hp = self.hparams
-        path = _resolve(source)
-        records = load_records(path, split=split)
-        records = first_rows(records, hp.max_rows, path)
+        source = resolve(source, hp.source_format, split, hp.max_rows)
+        path = _resolve(source.path)
+        records = load_records(path, split=source.split)
+        records = first_rows(records, source.max_rows, path)
         counter, out = DropCounter(path), []
 
         def parse(record: dict[str, Any], row: int) -> RankingText:
-            return to_ranking(record, hp.source_format, hp.prompt_format, path, row, self.tokenizer)
+            return to_ranking(record, source.source_format, hp.prompt_format, path, row, self.tokenizer)
 
         for _, text in parse_rows(records, parse, counter, hp.drop_empty, hp.drop_prompt_mismatch):
             if (text := sort_and_dedupe(text, counter)) is not None:
@@ -217,6 +223,16 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
+        if self.sources is not None:  # a mixture: each source held out apart, its training rows weighted
+            holdout = None if hp.val_data is not None else \
+                (lambda rows, source: self.holdout(rows, hp.val_fraction, hp.seed, source.path))
+            self.train_set, self.val_set, counts = mix_sources(
+                self.sources, lambda s: self.tokenize(self.read(s, hp.split), _resolve(s.path)), hp.seed, holdout)
+            self.counts.update(counts)
+            if hp.val_data is not None:
+                self.val_set = self.tokenize(self.read(hp.val_data, hp.val_split), _resolve(hp.val_data))
+            log.info("Ranking data: %d train / %d validation prompts", len(self.train_set), len(self.val_set))
+            return
         examples = self.tokenize(self.read(hp.data, hp.split), _resolve(hp.data))
         if hp.val_data is not None:
             self.train_set = examples

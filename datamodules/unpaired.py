@@ -1,6 +1,7 @@
 """UnpairedDataModule: unpaired completions labelled desirable or undesirable (KTO), from ``{prompt, completion,
 label}`` rows (TRL's unpaired-preference format) or converted from preference pairs (chosen -> True, rejected ->
-False). Tokenized as the other data modules (prompt and completion apart, EOS appended, counted truncation).
+False; chat ``messages`` pairs too), from one source or a weighted mixture. Tokenized as the other data modules
+(prompt and completion apart, EOS appended, counted truncation).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from recipes.datamodules.builtin import resolve_builtin
+from recipes.datamodules.chat import set_chat_template
 from recipes.datamodules.collate import UnpairedExample, collate_unpaired, truncate_pair
 from recipes.datamodules.formats import PromptFormat, format_prompt
-from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text
+from recipes.datamodules.io import DataFormatError, DropCounter, first_rows, load_records, require_text, require_value
+from recipes.datamodules.mixture import DataSource, as_plain, check_sources, mix_sources, resolve
 from recipes.datamodules.preference_sources import parse_rows, to_preference
 from recipes.datamodules.resumable import SplitLoadersMixin
 from recipes.modules.tokenizer import load_tokenizer
@@ -25,7 +28,7 @@ from recipes.modules.validation import at_least, check_loader_args, check_token_
 
 log = logging.getLogger(__name__)
 
-UnpairedFormat = Literal["unpaired", "generic", "hh", "saferlhf"]
+UnpairedFormat = Literal["unpaired", "generic", "hh", "saferlhf", "messages"]
 
 
 class UnpairedText(NamedTuple):
@@ -38,9 +41,7 @@ class UnpairedText(NamedTuple):
 
 def read_label(record: Mapping[str, Any], field: str, source: str, row: int) -> bool:
     """``record[field]`` as a bool (JSON ``true``/``false``), or an error naming the file, row and field."""
-    if field not in record or record[field] is None:
-        raise DataFormatError(source, row, field, "missing", "each row needs label: true (desirable) or false")
-    value = record[field]
+    value = require_value(record, field, source, row, "each row needs label: true (desirable) or false")
     if not isinstance(value, bool):
         raise DataFormatError(source, row, field, f"expected true/false, got {value!r}",
                               "write the label as a JSON boolean (true: desirable, false: undesirable)")
@@ -71,9 +72,10 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
     Args:
         tokenizer: tokenizer id or path (see `recipes.modules.tokenizer.load_tokenizer`), loaded at construction so
             the CLI can link it into the model.
-        data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``.
+        data: local JSON/JSONL(.gz)/Parquet file, hub id (read through `datasets`), or ``builtin:preference``; or a
+            mixture: a list of weighted sources (`recipes.datamodules.mixture.DataSource`), each held out apart.
         source_format: ``unpaired``: ``{prompt, completion, label}`` rows (``label`` a boolean, true = desirable);
-            ``generic``, ``hh`` or ``saferlhf``: preference pairs as `recipes.datamodules.preference.
+            ``generic``, ``hh``, ``saferlhf`` or ``messages``: preference pairs as `recipes.datamodules.preference.
             PreferenceDataModule` reads them, each turned into two rows, chosen (true) and rejected (false).
         prompt_format: how ``unpaired``/``generic``/``saferlhf`` prompts are rendered (``plain``, ``hh``, ``alpaca``,
             ``chat``).
@@ -87,7 +89,9 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
             with a warning (shuffled: a different row each epoch).
         max_rows: read only the first ``max_rows`` records (logged), for smoke runs.
         drop_empty: drop rows with an empty text field and log the count; by default an error naming the row.
-        drop_prompt_mismatch: ``hh`` only: drop pairs whose dialogues differ before the last assistant turn, counted.
+        drop_prompt_mismatch: ``hh`` and ``messages``: drop pairs whose dialogues differ before the last assistant
+            turn, counted.
+        chat_template: a Jinja chat template (a file's path or its text) for the tokenizer; None: its own.
 
     A converted pair with identical chosen and rejected texts labels one completion both ways: it is dropped and
     counted.
@@ -96,7 +100,7 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str = "builtin:byte",
-        data: str = "builtin:preference",
+        data: str | list[DataSource] = "builtin:preference",
         source_format: UnpairedFormat = "generic",
         prompt_format: PromptFormat = "plain",
         split: str = "train",
@@ -111,8 +115,11 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_empty: bool = False,
         drop_prompt_mismatch: bool = False,
         seed: int = 0,
+        chat_template: str | None = None,
     ) -> None:
         super().__init__()
+        self.sources = check_sources("UnpairedDataModule", data, get_args(UnpairedFormat))
+        data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
         if source_format not in get_args(UnpairedFormat):
             raise ValueError(f"UnpairedDataModule: source_format={source_format!r} is not one of "
@@ -125,26 +132,30 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
         check_val_fraction("UnpairedDataModule", val_fraction)
         check_token_budget("UnpairedDataModule", max_length, self.max_prompt_length)
         self.tokenizer = load_tokenizer(tokenizer)
+        set_chat_template(self.tokenizer, chat_template)
         self.train_set: list[UnpairedExample] = []
         self.val_set: list[UnpairedExample] = []
         self.drop_counts: dict[str, int] = {}
         self.truncation_counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # a mixture's rows (records) per source
 
     # --- reading ----------------------------------------------------------------------------------------------
-    def read_groups(self, source: str, split: str = "train") -> list[list[UnpairedText]]:
-        """One group per usable record of ``source``: ``[row]`` for unpaired data, ``[chosen, rejected]`` for a
-        converted pair; dropped records are counted and logged."""
+    def read_groups(self, source: str | DataSource, split: str = "train") -> list[list[UnpairedText]]:
+        """One group per usable record of ``source`` (a path with the module's settings, or a mixture's source with
+        its own): ``[row]`` for unpaired data, ``[chosen, rejected]`` for a converted pair; dropped records are
+        counted and logged."""
         hp = self.hparams
-        path = resolve_builtin(source)
-        records = load_records(path, split=split)
-        records = first_rows(records, hp.max_rows, path)
+        source = resolve(source, hp.source_format, split, hp.max_rows)
+        path = resolve_builtin(source.path)
+        records = load_records(path, split=source.split)
+        records = first_rows(records, source.max_rows, path)
         if not records:
             raise DataFormatError(path, None, None, "has no rows", "point `data` at a non-empty file")
 
         def parse(record: Mapping[str, Any], row: int) -> list[UnpairedText]:
-            if hp.source_format == "unpaired":
+            if source.source_format == "unpaired":
                 return [unpaired_row(record, path, row, hp.prompt_format, self.tokenizer)]
-            pair = to_preference(record, hp.source_format, hp.prompt_format, path, row, self.tokenizer)
+            pair = to_preference(record, source.source_format, hp.prompt_format, path, row, self.tokenizer)
             return [UnpairedText(pair.prompt, pair.chosen, True), UnpairedText(pair.prompt, pair.rejected, False)]
 
         groups, dropped = [], DropCounter(path)
@@ -184,14 +195,23 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
         if self.train_set or self.val_set:
             return
         hp = self.hparams
-        groups = self.read_groups(hp.data, hp.split)
-        if hp.val_data is not None:
-            train, val = groups, self.read_groups(hp.val_data, hp.val_split)
+        if self.sources is not None:  # a mixture: each source held out apart (by record), its records weighted
+            holdout = None if hp.val_data is not None else \
+                (lambda groups, source: self.holdout(groups, hp.val_fraction, hp.seed, source.path))
+            train, val, self.counts = mix_sources(self.sources, lambda s: self.read_groups(s, hp.split), hp.seed,
+                                                  holdout)
+            if hp.val_data is not None:
+                val = self.read_groups(hp.val_data, hp.val_split)
         else:
-            train, val = self.holdout(groups, hp.val_fraction, hp.seed, hp.data)
-        source = resolve_builtin(hp.data)
+            groups = self.read_groups(hp.data, hp.split)
+            if hp.val_data is not None:
+                train, val = groups, self.read_groups(hp.val_data, hp.val_split)
+            else:
+                train, val = self.holdout(groups, hp.val_fraction, hp.seed, hp.data)
+        source = resolve_builtin(hp.data) if self.sources is None else "the mixture of data"
         self.train_set = self.tokenize(unpaired_order(train), source)
-        self.val_set = self.tokenize(unpaired_order(val), resolve_builtin(hp.val_data or hp.data))
+        self.val_set = self.tokenize(unpaired_order(val), source if hp.val_data is None else
+                                     resolve_builtin(hp.val_data))
         for name, examples in (("train", self.train_set), ("validation", self.val_set)):
             for i, example in enumerate(examples):
                 example["index"] = i

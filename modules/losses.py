@@ -1,8 +1,8 @@
-"""Alignment losses: DPO, IPO, SLiC hinge, reference-free SimPO and ORPO, the Bradley-Terry reward loss, and PPO's
-policy and value losses.
+"""Preference losses: DPO, IPO, SLiC hinge, reference-free SimPO and ORPO, KTO, and the Bradley-Terry reward loss.
 
-Each is a small ``nn.Module`` holding only hyperparameters; it returns per-example (or, for PPO, already reduced)
-losses plus detached metrics, and is chosen by ``class_path`` in YAML.
+Each is a small ``nn.Module`` holding only hyperparameters; it returns per-example losses plus detached metrics, and
+is chosen by ``class_path`` in YAML. The policy-gradient losses live in `recipes.modules.policy_losses`; PPO's are
+re-exported here so configs naming ``recipes.modules.losses.PPOPolicyLoss`` keep working.
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recipes.modules.rl_utils import masked_mean
+from recipes.modules.policy_losses import PPOPolicyLoss, PPOValueLoss
 from recipes.modules.validation import at_least, positive
+
+__all__ = ["DPOLoss", "HingeLoss", "IPOLoss", "KTOLoss", "ORPOLoss", "PairwiseRewardLoss", "PPOPolicyLoss",
+           "PPOValueLoss", "PreferenceLoss", "ReferenceFreePreferenceLoss", "SimPOLoss"]
 
 
 class PreferenceLoss(nn.Module, ABC):
@@ -180,104 +183,6 @@ class PairwiseRewardLoss(nn.Module):
         return losses, accuracies
 
 
-class PPOPolicyLoss(nn.Module):
-    """PPO clipped surrogate policy loss.
-
-    Schulman et al., arXiv 1707.06347, Eq. 7:
-    ``loss = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)``, ``ratio = exp(logprobs - old_logprobs)``.
-
-    Reduction: the masked mean over every response token of the minibatch (each token weighs the same, as in TRL
-    and OpenRLHF), so the result is a scalar rather than per-example losses.
-
-    Args:
-        clip_eps: the clip range ``eps`` of the probability ratio.
-    """
-
-    def __init__(self, clip_eps: float = 0.2) -> None:
-        super().__init__()
-        positive("PPOPolicyLoss", "clip_eps", clip_eps, "A clip range of 0 freezes the policy; PPO uses 0.2")
-        self.clip_eps = clip_eps
-
-    def forward(
-        self,
-        logprobs: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the clipped surrogate loss of a minibatch.
-
-        Args:
-            logprobs: per-token log-probs of the sampled tokens under the current policy. Shape: (b, t)
-            old_logprobs: the same under the policy that sampled the rollout (no grad). Shape: (b, t)
-            advantages: per-token advantages (no grad). Shape: (b, t)
-            mask: 1 on response tokens, 0 on padding. Shape: (b, t)
-
-        Returns:
-            loss: masked mean of the per-token clipped loss; a scalar.
-            approx_kl: detached k3 estimate of KL(old || new), ``(ratio - 1) - log ratio`` (Schulman, "Approximating
-                KL Divergence", 2020), masked mean; a scalar.
-            clipfrac: detached fraction of tokens whose clipped term is the larger loss, i.e. whose gradient the
-                clip removed; a scalar.
-        """
-        log_ratio = logprobs - old_logprobs  # (B, T)
-        ratio = torch.exp(log_ratio)
-        unclipped = -advantages * ratio
-        clipped = -advantages * torch.clamp(ratio, 1.0 - self.clip_eps, 1.0 + self.clip_eps)
-        loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-        with torch.no_grad():
-            approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
-            clipfrac = masked_mean((clipped > unclipped).float(), mask)
-        return loss, approx_kl, clipfrac
-
-
-class PPOValueLoss(nn.Module):
-    """PPO value loss, optionally clipped around the rollout's values.
-
-    Value clipping as in OpenAI baselines' ``ppo2`` and Engstrom et al., arXiv 2005.12729, Sec. 3 (optimization 1):
-    ``loss = 0.5 * max((V - R)^2, (old_V + clip(V - old_V, -eps, eps) - R)^2)``; with ``clip_eps=None`` it is
-    ``0.5 * (V - R)^2``. Reduced by the masked mean over all response tokens, like ``PPOPolicyLoss``.
-
-    Args:
-        clip_eps: how far the new values may move from the rollout's values before the gradient stops; None
-            turns clipping off.
-    """
-
-    def __init__(self, clip_eps: float | None = 0.2) -> None:
-        super().__init__()
-        positive("PPOValueLoss", "clip_eps", clip_eps, "A clip range of 0 freezes the critic; use 0.2, or null to "
-                 "turn value clipping off")
-        self.clip_eps = clip_eps
-
-    def forward(
-        self,
-        values: torch.Tensor,
-        old_values: torch.Tensor,
-        returns: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute the (clipped) value loss of a minibatch.
-
-        Args:
-            values: per-token value predictions of the current value head. Shape: (b, t)
-            old_values: the values recorded at rollout time (no grad). Shape: (b, t)
-            returns: per-token regression targets, ``advantages + old_values``. Shape: (b, t)
-            mask: 1 on response tokens, 0 on padding. Shape: (b, t)
-
-        Returns:
-            loss: masked mean of the per-token value loss; a scalar.
-            clipfrac: detached fraction of tokens where the clipped error is the larger one (0 when unclipped).
-        """
-        unclipped = (values - returns) ** 2  # (B, T)
-        if self.clip_eps is None:
-            return 0.5 * masked_mean(unclipped, mask), torch.zeros((), device=values.device)
-        values_clipped = old_values + torch.clamp(values - old_values, -self.clip_eps, self.clip_eps)
-        clipped = (values_clipped - returns) ** 2
-        loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
-        clipfrac = masked_mean((clipped > unclipped).float(), mask).detach()
-        return loss, clipfrac
-
-
 class ReferenceFreePreferenceLoss(nn.Module, ABC):
     """Shared frame of the reference-free, length-normalized pairwise losses (SimPO, ORPO): one forward that turns
     summed log-probs and token counts into mean token log-probs ``log pi(y) / |y|`` and applies ``pair_losses``.
@@ -287,6 +192,7 @@ class ReferenceFreePreferenceLoss(nn.Module, ABC):
     """
 
     needs_reference = False
+    length_normalized = True  # False: ``pair_losses`` receives the summed log-probs (SimPO's ablation)
 
     @abstractmethod
     def pair_losses(
@@ -314,6 +220,8 @@ class ReferenceFreePreferenceLoss(nn.Module, ABC):
             chosen_rewards: the loss's detached reward of the chosen (each subclass names it). Shape: (b,)
             rejected_rewards: the same for the rejected. Shape: (b,)
         """
+        if not self.length_normalized:
+            return self.pair_losses(policy_chosen_logps, policy_rejected_logps)
         chosen_avg = policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)  # (B,)
         rejected_avg = policy_rejected_logps / rejected_lengths.to(policy_rejected_logps.dtype)  # (B,)
         return self.pair_losses(chosen_avg, rejected_avg)
@@ -329,13 +237,19 @@ class SimPOLoss(ReferenceFreePreferenceLoss):
     small beta, e.g. 2.0 or 2.5"); the paper and its code tune the margin as the ratio ``gamma / beta``, with the
     README's grid {0.25, 0.3, 0.4}: ``gamma = 0.5`` is ``gamma / beta = 0.25`` (also TRL's ``simpo_gamma``).
 
+    ``length_normalize=False`` is the paper's ablation without length normalization (its Table 5, "w/o LN"):
+    the reward is ``beta log pi(y)``, and with ``gamma = 0`` the loss is DPO's with a reference that gives every
+    response probability 1 (``-log sigmoid(beta (log pi(y_c) - log pi(y_r)))``).
+
     Args:
         beta: scale of the reward ``beta / |y| log pi(y)``.
         gamma: target reward margin, in reward units (Eq. 6's ``gamma``, not the code's ``gamma / beta``); >= 0.
+        length_normalize: divide the summed log-probs by the response lengths (SimPO); False: use the sums.
     """
 
-    def __init__(self, beta: float = 2.0, gamma: float = 0.5) -> None:
+    def __init__(self, beta: float = 2.0, gamma: float = 0.5, length_normalize: bool = True) -> None:
         super().__init__()
+        self.length_normalized = length_normalize
         positive("SimPOLoss", "beta", beta, "SimPO uses beta 2.0 to 2.5 (10 for Gemma 2)")
         at_least("SimPOLoss", "gamma", gamma, 0.0, "gamma is a target margin; tune gamma / beta in 0.25-0.8")
         self.beta = beta

@@ -3,39 +3,33 @@ optimization; one training step is one PPO iteration: a rollout, then ``ppo_epoc
 
 from __future__ import annotations
 
-import copy
-import time
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.optimizer import LightningOptimizer
-from torch import Tensor, nn
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from recipes.modules.adapters import add_planned_adapters
-from recipes.modules.base import ReadsOldCheckpoints
-from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, own_state, per_rank_state, world_size
-from recipes.modules.export import model_card, save_pretrained
-from recipes.modules.generation import response_logprobs, response_values, sample
-from recipes.modules.guards import check_advantages, check_gradients, check_loss, check_weights
-from recipes.modules.losses import PPOPolicyLoss, PPOValueLoss
-from recipes.modules.models import ModelSpec, build_causal_lm, is_peft
+from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, world_size
+from recipes.modules.generation import response_logprobs, response_values
+from recipes.modules.guards import check_advantages, check_gradients, check_loss
+from recipes.modules.kl_control import AdaptiveKLController
+from recipes.modules.models import ModelSpec
+from recipes.modules.on_policy import OnPolicyModule
 from recipes.modules.optim import actor_critic_optimization, adamw
-from recipes.modules.ppo_rollout import in_reward_units, rollout_metrics, score_responses, standardize_values
-from recipes.modules.reference import AdapterReference, FrozenCopy, Reference
-from recipes.modules.reward_functions import RewardFunction
+from recipes.modules.policy_losses import PPOPolicyLoss, PPOValueLoss
+from recipes.modules.ppo_rollout import in_reward_units, rollout_metrics, standardize_values
 from recipes.modules.rl_utils import KLEstimator, RunningMoments, gae_advantages, kl_penalized_rewards
-from recipes.modules.rollout import rollout_forwards, sample_in_chunks
+from recipes.modules.rollout import rollout_forwards
 from recipes.modules.scalar_models import build_scalar_model, check_critic_tokenizer
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard, fsdp2_shard_scalar
-from recipes.modules.types import Generation, PPOStats, PromptBatch, Sample, Trajectory
-from recipes.modules.validation import check_minibatches, check_ppo_settings, check_vocabulary
+from recipes.modules.types import PPOStats, PromptBatch, Trajectory
+from recipes.modules.validation import check_ppo_settings
 
 
-class PPOModule(ReadsOldCheckpoints, L.LightningModule):
+class PPOModule(OnPolicyModule):
     """Proximal Policy Optimization of a causal LM against a reward (Schulman et al., arXiv 1707.06347, in the RLHF
     form of Ziegler et al., arXiv 1909.08593, with the three tricks of Xu et al., arXiv 2404.10719, Table 3).
 
@@ -50,6 +44,7 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
     Strategies: DDP, FSDP2 (``ModelParallelStrategy``: all four models sharded) and DeepSpeed ZeRO-2 (actor and
     critic as two parameter groups of its one optimizer: `recipes.modules.optim.actor_critic_optimization`).
 
+    Sampling, scoring, the reference, checkpointing and the export are `recipes.modules.on_policy.OnPolicyModule`'s.
     The reference is one object, ``self.reference`` (`recipes.modules.reference`): a `FrozenCopy` for full
     fine-tuning; with LoRA an `AdapterReference`, the policy with adapters disabled, or with the adapter that
     ``EMAReference`` switches it to (``use_adapter``) and averages (``lerp_``). The critic is a
@@ -64,10 +59,14 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         optimizer, critic_optimizer, scheduler, critic_scheduler: actor and critic (schedulers step per iteration).
         max_new_tokens, temperature, top_k, top_p: sampling (``top_k=0`` and ``top_p=1`` disable those filters).
         generation_batch_size: prompts generated at a time (None: the whole rollout).
+        samples_per_prompt: responses sampled per prompt (each prompt repeated, its copies adjacent); the rollout
+            holds ``rollout_batch_size * samples_per_prompt`` rows.
         reward_clip: clip scores to ``[-reward_clip, reward_clip]`` (paper: 20); None: no clip.
         missing_eos_penalty: the terminal score of a response truncated before EOS; None keeps its own score.
         normalize_rewards: standardize scores with running mean and std over every score seen, before clipping.
         kl_coef, kl_estimator: the per-token KL penalty ``-kl_coef * KL_t`` (``k1`` or ``k3``).
+        kl_controller: e.g. `recipes.modules.kl_control.AdaptiveKLController`: replaces ``kl_coef`` by a coefficient
+            it adapts after every rollout to the measured KL (checkpointed); None: ``kl_coef`` stays fixed.
         gamma, lam: GAE discount and lambda (arXiv 1506.02438, Eq. 16; paper: both 1).
         normalize_advantages: whiten advantages over the response tokens of the whole rollout batch (not per minibatch).
         normalize_values: the critic predicts returns standardized by running mean and std of all returns seen.
@@ -98,11 +97,13 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         top_k: int = 0,
         top_p: float = 1.0,
         generation_batch_size: int | None = None,
+        samples_per_prompt: int = 1,
         reward_clip: float | None = 20.0,
         missing_eos_penalty: float | None = None,
         normalize_rewards: bool = False,
         kl_coef: float = 0.1,
         kl_estimator: KLEstimator = "k1",
+        kl_controller: AdaptiveKLController | None = None,
         gamma: float = 1.0,
         lam: float = 1.0,
         normalize_advantages: bool = True,
@@ -118,64 +119,25 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         sampling_seed: int | None = None,
         guard_non_finite: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(model, reward, tokenizer)
         self.save_hyperparameters(ignore=["tokenizer", "reward", "optimizer", "critic_optimizer", "scheduler",
-                                          "critic_scheduler", "policy_loss", "value_loss"])
+                                          "critic_scheduler", "policy_loss", "value_loss", "kl_controller"])
         check_ppo_settings(self.hparams)
-        self.automatic_optimization = False
-        if not isinstance(reward, RewardFunction):  # typed as a callable so YAML's class_path instantiates it
-            raise TypeError("reward must follow recipes.modules.reward_functions.RewardFunction, got "
-                            f"{type(reward).__name__}.")
-        self.spec, self.critic_spec, self.tokenizer, self.reward_fn = model, critic, tokenizer, reward
+        self.critic_spec = critic
         self.factories = (optimizer, critic_optimizer, scheduler, critic_scheduler)
         self.policy_loss = policy_loss if policy_loss is not None else PPOPolicyLoss(0.2)
         self.value_loss = value_loss if value_loss is not None else PPOValueLoss(0.2)
-        self.policy: nn.Module | None = None
         self.critic: nn.Module | None = None
-        self.reference: Reference | None = None  # built in configure_model
-        self.reward_moments, self.value_moments = RunningMoments(), RunningMoments()
-        self.generator: torch.Generator | None = None
-        self._rng_state: Tensor | None = None
-        self.last_samples: list[Sample] = []  # the latest rollout's rows, read by SampleLogger; set by rollout
+        self.value_moments = RunningMoments()
+        self.kl_controller = kl_controller
 
-    def forward(self, batch: PromptBatch) -> Generation:
-        """Sample responses to a prompt batch with the configured sampling settings."""
-        hp, tok = self.hparams, self.tokenizer
-        return sample(self.policy, batch["input_ids"], batch["attention_mask"], hp.max_new_tokens, tok.eos_token_id,
-                      tok.pad_token_id, hp.temperature, hp.top_k, hp.top_p, generator=self.rng())
-
-    # --- training -----------------------------------------------------------------------------------------------
-    def training_step(self, batch: PromptBatch, batch_idx: int) -> None:
-        """One PPO iteration: rollout (steps 2-6), then the minibatch updates (step 7)."""
-        start, hp = time.perf_counter(), self.hparams
-        check_minibatches(hp.mini_batch_size, hp.micro_batch_size, batch["input_ids"].shape[0], "this rollout batch")
-        traj = self.rollout(batch)
-        self.log("time/rollout_s", time.perf_counter() - start, batch_size=1)
-        start, n = time.perf_counter(), traj.input_ids.shape[0]
-        opts, schedulers = self.optimizers(), self.lr_schedulers()
-        opts = opts if isinstance(opts, list) else [opts]  # DeepSpeed: one optimizer (two parameter groups)
-        updates, stop = [], False  # updates: the PPOStats of each minibatch update
-        for epoch in range(hp.ppo_epochs):
-            for minibatch in traj.minibatches(hp.mini_batch_size or n, self.rng()):  # this epoch's shuffle, drawn now
-                stats = self._update(minibatch, opts)
-                updates.append(stats)
-                stop = hp.target_kl is not None and stats.approx_kl > hp.target_kl
-                if stop:
-                    break  # target_kl: no further minibatch of this epoch ...
-            if stop:
-                break  # ... and no further epoch
-        for scheduler in [s for s in (schedulers if isinstance(schedulers, list) else [schedulers]) if s]:
-            scheduler.step()  # once per iteration
-        self._count_iteration()
-        self.log_dict({f"ppo/{name}": value for name, value in PPOStats.mean(updates)._asdict().items()}, batch_size=n)
-        self.log("ppo/updates", float(len(updates)), batch_size=n)
-        self.log("time/train_s", time.perf_counter() - start, batch_size=1)
-
+    # --- training: OnPolicyModule.training_step runs rollout, then the epochs of minibatch _updates -------------
     @torch.no_grad()
     def rollout(self, batch: PromptBatch) -> Trajectory:
         """Turn a prompt batch into a `Trajectory`, in the numbered steps of an iteration (step 1 is the batch):
 
-        2. generate with a KV cache (`generation.sample`, dropout off), ``generation_batch_size`` at a time;
+        2. repeat each prompt ``samples_per_prompt`` times and generate with a KV cache (`generation.sample`, dropout
+           off), ``generation_batch_size`` at a time;
         3. score the decoded texts with ``reward``; optionally standardize by running moments; clip; responses that
            did not end with EOS get ``missing_eos_penalty`` (`recipes.modules.ppo_rollout.score_responses`);
         4. old log-probs, reference log-probs and critic values of the response tokens; per-token rewards
@@ -184,20 +146,11 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         6. ``normalize_advantages``: whiten over every response token of the whole rollout batch; with
            ``normalize_values`` values and returns are expressed in running-standardized units (`standardize_values`).
         """
-        hp, tok = self.hparams, self.tokenizer
+        hp = self.hparams
+        # 2.-3. sample (under FSDP2 on weights gathered once, so ranks may stop at different lengths), then score:
+        # decode, reward, running standardization (every rank's scores), clip, truncation penalty
+        batch, (response_ids, mask, ended), scored = self.sample_and_score(batch)
         prompt_ids, prompt_mask, n = batch["input_ids"], batch["attention_mask"], batch["input_ids"].shape[0]
-        # 2. generate (under FSDP2 on weights gathered once, so ranks may stop at different lengths)
-        start = time.perf_counter()
-        response_ids, mask, ended = sample_in_chunks(
-            self.policy, lambda ids, att: self({"input_ids": ids, "attention_mask": att}), prompt_ids, prompt_mask,
-            hp.generation_batch_size or n, tok.pad_token_id)
-        gen_s = time.perf_counter() - start
-        # 3. score: decode, reward, running standardization (every rank's scores), clip, truncation penalty
-        start = time.perf_counter()
-        scored = score_responses(self.reward_fn, tok, batch, response_ids, mask, ended, hp.missing_eos_penalty,
-                                 hp.reward_clip, self.reward_moments if hp.normalize_rewards else None, self.device,
-                                 self.global_step)
-        score_s = time.perf_counter() - start
         # 4. log-probs, reference log-probs, values, KL-penalized rewards
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # (B, P + R)
         attention_mask = torch.cat([prompt_mask, mask], dim=1)
@@ -205,7 +158,8 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         old_logprobs, entropy, ref_logprobs, values = rollout_forwards(  # log-probs of the filtered distribution
             self.policy, self.critic, self.reference, input_ids, attention_mask, P, hp.micro_batch_size or n,
             temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
-        rewards = kl_penalized_rewards(scored.scores, old_logprobs, ref_logprobs, mask, hp.kl_coef, hp.kl_estimator)
+        kl_coef = hp.kl_coef if self.kl_controller is None else self.kl_controller.value
+        rewards = kl_penalized_rewards(scored.scores, old_logprobs, ref_logprobs, mask, kl_coef, hp.kl_estimator)
         # 5. GAE, on the critic's values in reward units (the moments before this rollout); metrics before whitening
         raw_values = in_reward_units(values, self.value_moments if hp.normalize_values else None)
         advantages, returns = gae_advantages(rewards, raw_values, mask, hp.gamma, hp.lam)
@@ -218,10 +172,13 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
         if hp.guard_non_finite:
             check_advantages(self, advantages, {"the per-token rewards (KL penalty)": rewards, "the critic's values":
                                                 raw_values, "the policy's log-probs": old_logprobs})
-        self.log_dict(metrics, batch_size=n)
-        self.log_dict({"time/generate_s": gen_s, "time/score_s": score_s,
-                       "rollout/tokens_per_s": float(mask.sum()) / max(gen_s, 1e-9)}, batch_size=1)
-        self.last_samples = [Sample(*row) for row in zip(batch["prompts"], scored.texts, scored.raw_scores.tolist())]
+        if self.kl_controller is not None:  # adapt to this rollout's KL over every rank (each rank agrees)
+            kl_sum, rows = all_reduce_sum(torch.stack([metrics["ppo/kl"] * n, torch.tensor(float(n))]))
+            metrics["ppo/kl_coef"] = torch.tensor(kl_coef)
+            self.kl_controller.update((kl_sum / rows).item(), int(rows.item()))
+        shown = ("ppo/reward", "ppo/kl")  # also on the progress bar
+        self.log_dict({k: v for k, v in metrics.items() if k not in shown}, batch_size=n)
+        self.log_dict({k: metrics[k] for k in shown}, prog_bar=True, batch_size=n)
         return Trajectory(input_ids, attention_mask, mask, old_logprobs, ref_logprobs, values, rewards, advantages,
                           returns, scored.scores)
 
@@ -259,71 +216,27 @@ class PPOModule(ReadsOldCheckpoints, L.LightningModule):
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=lambda: None)  # uncounted: _count_iteration
         return PPOStats(*totals.tolist())  # every rank sees the same approx_kl, so target_kl stops all
 
-    def _count_iteration(self) -> None:
-        """One trainer step per PPO iteration: advance ``global_step`` by one. `_update` steps through the strategy as
-        ``LightningOptimizer.step()`` does, but not through that method, which would count every inner step; Lightning
-        2.6 has no public way to count a step without taking one, so this increments the counter that method would."""
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
-        progress.increment_ready(), progress.increment_completed()
+    # --- checkpointing: the critic's value moments beside OnPolicyModule's generator and reward moments ---------
+    def extra_state(self) -> dict[str, Any]:
+        controller = {} if self.kl_controller is None else {"kl_controller": self.kl_controller.state_dict()}
+        return {"value_moments": self.value_moments.state_dict(), **controller}
 
-    def rng(self) -> torch.Generator:
-        """The sampling and shuffling generator on this module's device (checkpointed for exact resume)."""
-        if self.generator is None or self.generator.device != self.device:
-            seed = self.hparams.sampling_seed if self.hparams.sampling_seed is not None else torch.initial_seed()
-            rank = self.global_rank if self._trainer is not None else 0
-            self.generator = torch.Generator(device=self.device).manual_seed(seed + rank)
-            if self._rng_state is not None:  # a checkpoint's state replaces the seed
-                self.generator.set_state(self._rng_state)
-        return self.generator
-
-    # --- checkpointing: generator, running moments (the rest is model, optimizer and loop state) -----------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.hparams.guard_non_finite:
-            check_weights(self)  # a checkpoint callback then never replaces a good file with a bad one
-        moments = {"reward_moments": self.reward_moments.state_dict(), "value_moments": self.value_moments.state_dict()}
-        checkpoint["ppo"] = {"rng": per_rank_state(self.rng().get_state()), **moments}  # rng: each rank's own
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("ppo", {})
-        self._rng_state, self.generator = own_state(state.get("rng"), self.global_rank, "PPO sampling generator"), None
-        self.reward_moments.load_state_dict(state.get("reward_moments", RunningMoments().state_dict()))
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.value_moments.load_state_dict(state.get("value_moments", RunningMoments().state_dict()))
-
-    def setup(self, stage: str) -> None:
-        """Check the minibatch sizes against the data module's rollout size before any model is built."""
-        rollout = getattr(getattr(self._trainer, "datamodule", None), "hparams", {}).get("rollout_batch_size")
-        if stage == "fit" and rollout is not None:
-            check_minibatches(self.hparams.mini_batch_size, self.hparams.micro_batch_size, rollout,
-                              f"data.rollout_batch_size={rollout}")
-
-    def on_fit_start(self) -> None:
-        getattr(self.reward_fn, "to", lambda device: None)(self.device)  # a reward model's device
+        if self.kl_controller is not None and "kl_controller" in state:
+            self.kl_controller.load_state_dict(state["kl_controller"])
 
     # --- setup --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         hp, mesh, dtype = self.hparams, self.device_mesh, fsdp2_param_dtype(self)
-        policy = build_causal_lm(self.spec, self.tokenizer, hp.max_length)
-        check_vocabulary("PPOModule", policy, self.spec, self.tokenizer)
-        add_planned_adapters(self, policy)  # e.g. EMAReference's adapter, before sharding
-        if not is_peft(policy):  # copied before sharding; then sharded alike, so EMA lerps matching local shards
-            self.reference = fsdp2_shard(FrozenCopy.freeze(copy.deepcopy(policy)), mesh, dtype)
-        else:  # LoRA: the policy with adapters disabled (EMAReference switches it to its adapter): one base model
-            self.reference = AdapterReference(policy)
+        policy = self.build_policy()  # and self.reference: a frozen copy, or with LoRA the adapter-disabled policy
         critic = build_scalar_model(self.critic_spec, self.tokenizer, hp.max_length)
         check_critic_tokenizer(self.critic_spec, critic, self.tokenizer)
         # FSDP2 under ModelParallelStrategy (each decoder layer one unit; the frozen reward model too), else unchanged
         self.policy, self.critic = fsdp2_shard(policy, mesh, dtype), fsdp2_shard_scalar(critic, mesh, dtype)
-        getattr(self.reward_fn, "shard", lambda mesh: None)(mesh)  # no-op without a mesh
-        for dropout in (m for m in self.modules() if hp.disable_dropout and isinstance(m, nn.Dropout)):
-            dropout.p = 0.0
+        self.finish_models()  # the reward's shards; dropout off
 
     def configure_optimizers(self) -> list[dict[str, Any]] | dict[str, Any]:
         return actor_critic_optimization(self, self.policy, self.critic, self.factories, self.hparams.max_grad_norm)
-
-    def export_pretrained(self, path: str, merge_lora: bool = True, is_writer: bool = True) -> str:
-        """Write the policy as a Hugging Face folder (weights, config, tokenizer); under sharding call on every
-        rank, ``is_writer`` marks the rank that writes."""
-        return save_pretrained(self.policy, self.tokenizer, path, merge_lora=merge_lora, is_writer=is_writer,
-                               card=model_card(self))

@@ -248,3 +248,44 @@ class RunningMoments:
         self.mean = float(state_dict["mean"])
         self.m2 = float(state_dict["m2"])
         self.count = int(state_dict["count"])
+
+
+LossAggregation = Literal["sequence_mean", "token_mean", "constant"]
+
+
+def aggregation_weights(
+    mask: torch.Tensor,
+    aggregation: LossAggregation,
+    max_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights and unit count that reduce per-token losses to a batch loss, ``sum(w * loss) / units``.
+
+    Split this way so that micro-batches and data-parallel ranks add up exactly: each part contributes its
+    ``sum(w * loss)``, divided by the ``units`` of the whole (all-reduced) batch.
+
+    - ``sequence_mean``: each response's token mean, then the mean over responses (GRPO, Shao et al.,
+      arXiv 2402.03300, Eq. 3): ``w = mask / |o_i|``, units = responses.
+    - ``token_mean``: every token of the batch weighs the same (DAPO, Yu et al., arXiv 2503.14476, Eq. 8):
+      ``w = mask``, units = tokens.
+    - ``constant``: token sums over a constant ``max_tokens`` per response (Dr. GRPO, Liu et al., arXiv 2503.20783,
+      Sec. 3.1: no length bias): ``w = mask / max_tokens``, units = responses.
+
+    Args:
+        mask: 1 on response tokens, 0 on right padding. Shape: (b, t)
+        aggregation: one of the three above.
+        max_tokens: the constant of ``constant`` (the rollout's ``max_new_tokens``).
+
+    Returns:
+        weights: ``(b, t)``, 0 on padding.
+        units: a scalar tensor, this batch's responses or tokens.
+    """
+    m = mask.float()
+    lengths = m.sum(1, keepdim=True)  # (B, 1)
+    if aggregation == "sequence_mean":
+        return m / lengths.clamp(min=1), torch.tensor(float(m.shape[0]), device=m.device)
+    if aggregation == "token_mean":
+        return m, m.sum()
+    if aggregation == "constant":
+        return m / max_tokens, torch.tensor(float(m.shape[0]), device=m.device)
+    raise ValueError(f"aggregation_weights: aggregation must be 'sequence_mean', 'token_mean' or 'constant', got "
+                     f"{aggregation!r}.")

@@ -1,6 +1,7 @@
 """The two halves of an on-policy rollout that do not depend on the algorithm: sampling a prompt batch in chunks
 (on gathered weights under FSDP2) and the no-grad passes that read the policy's log-probs and entropies, the
-reference's log-probs and the critic's values off the sampled sequences. Used by `recipes.modules.ppo.PPOModule`."""
+reference's log-probs and the critic's values off the sampled sequences, and the repetition of each prompt for groups of
+samples. Used by `recipes.modules.on_policy.OnPolicyModule` (PPO, GRPO, RLOO)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,19 @@ from torch import Tensor, nn
 from recipes.modules.generation import response_logprobs, response_values
 from recipes.modules.reference import Reference
 from recipes.modules.sharding import unsharded
-from recipes.modules.types import Generation
+from recipes.modules.types import Generation, PromptBatch
+
+
+def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
+    """Each prompt ``k`` times, a prompt's copies adjacent (rows ``i*k ... i*k + k - 1``: one group), with its text
+    and metadata; ``k == 1`` returns ``batch`` itself. Shapes: ``(B, P) -> (B*k, P)``."""
+    if k == 1:
+        return batch
+    metadata = batch.get("metadata")
+    return {**batch, "input_ids": batch["input_ids"].repeat_interleave(k, 0),
+            "attention_mask": batch["attention_mask"].repeat_interleave(k, 0),
+            "prompts": [p for p in batch["prompts"] for _ in range(k)],
+            "metadata": None if metadata is None else [m for m in metadata for _ in range(k)]}
 
 
 @torch.no_grad()
@@ -36,11 +49,11 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
 
 
 @torch.no_grad()
-def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: Reference, input_ids: Tensor,
+def rollout_forwards(policy: nn.Module, critic: nn.Module | None, reference: Reference | None, input_ids: Tensor,
                      attention_mask: Tensor, prompt_length: int, chunk: int, temperature: float = 1.0, top_k: int = 0,
-                     top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     top_p: float = 1.0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Old log-probs, entropies, reference log-probs and values of the response tokens, ``chunk`` rows at a time,
-    every model in eval mode (restored afterwards).
+    every model in eval mode (restored afterwards); without a ``critic`` (or ``reference``) its output is None.
 
     Log-probs and entropies are those of the sampling distribution of ``temperature``, ``top_k`` and ``top_p``
     (`recipes.modules.generation.filtered_logprobs`: each model's own filtered, renormalised softmax), the rule the
@@ -56,10 +69,11 @@ def rollout_forwards(policy: nn.Module, critic: nn.Module, reference: Reference,
         for i in range(0, input_ids.shape[0], chunk):
             ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
             logprobs, entropy = response_logprobs(policy, ids, att, P, True, *sampling)
-            ref_logprobs = reference.logprobs(
+            ref_logprobs = None if reference is None else reference.logprobs(
                 lambda model, ids=ids, att=att: response_logprobs(model, ids, att, P, False, *sampling)[0])
-            outs.append((logprobs, entropy, ref_logprobs, response_values(critic, ids, att, P)))
+            values = None if critic is None else response_values(critic, ids, att, P)
+            outs.append((logprobs, entropy, ref_logprobs, values))
     finally:
         for m, mode in modes:
             m.train(mode)
-    return tuple(torch.cat(parts) for parts in zip(*outs))
+    return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outs))

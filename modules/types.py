@@ -75,11 +75,54 @@ class Trajectory(NamedTuple):
 
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Trajectory]:
         """Shuffled minibatches of ``size`` rows (the last one smaller if ``size`` does not divide the batch)."""
-        n = self.input_ids.shape[0]
-        device = generator.device if generator is not None else self.input_ids.device
-        order = torch.randperm(n, generator=generator, device=device).to(self.input_ids.device)
-        for start in range(0, n, size):
-            yield self.select(order[start:start + size])
+        return shuffled_minibatches(self, size, generator)
+
+
+def shuffled_minibatches(rollout: Any, size: int, generator: torch.Generator | None = None) -> Iterator[Any]:
+    """``rollout.select(rows)`` for one random order of its rows, ``size`` rows at a time (the last smaller if
+    ``size`` does not divide them); the order is drawn from ``generator`` when the first minibatch is asked for."""
+    n = rollout.input_ids.shape[0]
+    device = generator.device if generator is not None else rollout.input_ids.device
+    order = torch.randperm(n, generator=generator, device=device).to(rollout.input_ids.device)
+    for start in range(0, n, size):
+        yield rollout.select(order[start:start + size])
+
+
+class GroupTrajectory(NamedTuple):
+    """One critic-free rollout (`recipes.modules.grpo.GRPOModule`): groups of ``samples_per_prompt`` adjacent rows
+    answer one prompt. ``P`` prompt columns, ``R`` response columns; detached.
+
+    Fields:
+        input_ids: ``(B, P + R)`` left-padded prompt followed by the right-padded response.
+        attention_mask: ``(B, P + R)``.
+        response_mask: ``(B, R)`` 1 on response tokens (EOS included), 0 on padding.
+        old_logprobs: ``(B, R)`` log-probs under the sampling policy; None when the policy cannot change before
+            the row's one update (one epoch, one minibatch, no reference): the update then uses its own, detached.
+        ref_logprobs: ``(B, R)`` the same under the reference; None without one.
+        advantages: ``(B,)`` one advantage per response.
+        rewards: ``(B,)`` the sequence rewards the advantages were computed from.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    old_logprobs: Tensor | None
+    ref_logprobs: Tensor | None
+    advantages: Tensor
+    rewards: Tensor
+
+    @property
+    def prompt_length(self) -> int:
+        """``P``: the number of prompt columns (every response starts at this column)."""
+        return self.input_ids.shape[1] - self.response_mask.shape[1]
+
+    def select(self, index: Tensor | slice) -> GroupTrajectory:
+        """The rows ``index`` of every field (a minibatch)."""
+        return GroupTrajectory(*(None if field is None else field[index] for field in self))
+
+    def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[GroupTrajectory]:
+        """Shuffled minibatches of ``size`` rows (groups are split: each row's advantage is already fixed)."""
+        return shuffled_minibatches(self, size, generator)
 
 
 class ScoredResponses(NamedTuple):
@@ -125,3 +168,24 @@ class PPOStats(NamedTuple):
     def mean(updates: list[PPOStats]) -> PPOStats:
         """The field-wise mean over an iteration's updates (in float32, as the logged metrics are)."""
         return PPOStats(*torch.tensor(updates).mean(0).tolist())
+
+
+class GRPOStats(NamedTuple):
+    """Statistics of one critic-free update (one minibatch), over the minibatch rows of every rank.
+
+    Fields:
+        policy_loss: the reduced `recipes.modules.policy_losses.GRPOLoss` (the KL term included).
+        approx_kl: token mean of the approximate KL from the rollout's policy to the current one (``target_kl``).
+        clipfrac: the fraction of tokens whose ratio was clipped.
+        kl: token mean of the k3 KL to the reference (0 without one).
+    """
+
+    policy_loss: float
+    approx_kl: float
+    clipfrac: float
+    kl: float
+
+    @staticmethod
+    def mean(updates: list[GRPOStats]) -> GRPOStats:
+        """The field-wise mean over an iteration's updates (in float32, as the logged metrics are)."""
+        return GRPOStats(*torch.tensor(updates).mean(0).tolist())

@@ -66,28 +66,34 @@ def check_token_budget(owner: str, max_length: int, max_prompt_length: int) -> N
                          "max_prompt_length or raise max_length.")
 
 
-PPO_AT_LEAST_ONE = ("max_new_tokens", "ppo_epochs", "generation_batch_size", "mini_batch_size", "micro_batch_size")
+PPO_AT_LEAST_ONE = ("max_new_tokens", "ppo_epochs", "generation_batch_size", "mini_batch_size", "micro_batch_size",
+                    "samples_per_prompt")
 PPO_POSITIVE = ("reward_clip", "max_grad_norm", "target_kl")
 
 
-def check_ppo_settings(hp: Mapping[str, Any], owner: str = "PPOModule") -> None:
-    """PPO's sampling, KL, GAE and update settings (`recipes.modules.ppo.PPOModule`); the minibatch sizes against the
-    rollout are checked by `check_minibatches` once the rollout size is known."""
+def check_rollout_settings(hp: Mapping[str, Any], owner: str) -> None:
+    """The sampling and update settings every on-policy module shares (`recipes.modules.on_policy.OnPolicyModule`);
+    the minibatch sizes against the rollout are checked by `check_minibatches` once the rollout size is known."""
     for name in PPO_AT_LEAST_ONE:
         at_least(owner, name, hp[name], 1, "Use an integer >= 1 (null, where allowed, for the default)")
     for name in PPO_POSITIVE:
         positive(owner, name, hp[name], "Use null to turn it off")
-    at_least(owner, "kl_coef", hp["kl_coef"], 0.0, "0 turns the KL penalty off; a negative coefficient rewards "
-             "drifting away from the reference")
     at_least(owner, "temperature", hp["temperature"], 0.0, "0 samples greedily, 1 from the policy itself")
     at_least(owner, "top_k", hp["top_k"], 0, "0 turns the top-k filter off")
     within(owner, "top_p", hp["top_p"], 0.0, 1.0, "1 turns the top-p filter off", low_open=True)
-    for name in ("gamma", "lam"):
-        within(owner, name, hp[name], 0.0, 1.0, "GAE's discount and lambda are fractions (the paper uses 1)")
     micro, mini = hp["micro_batch_size"], hp["mini_batch_size"]
     if micro is not None and mini is not None and micro > mini:
         _refuse(owner, "micro_batch_size", micro, f"is larger than mini_batch_size={mini} and would silently be "
                 "shrunk to it", "Use micro_batch_size <= mini_batch_size")
+
+
+def check_ppo_settings(hp: Mapping[str, Any], owner: str = "PPOModule") -> None:
+    """PPO's sampling, KL, GAE and update settings (`recipes.modules.ppo.PPOModule`)."""
+    check_rollout_settings(hp, owner)
+    at_least(owner, "kl_coef", hp["kl_coef"], 0.0, "0 turns the KL penalty off; a negative coefficient rewards "
+             "drifting away from the reference")
+    for name in ("gamma", "lam"):
+        within(owner, name, hp[name], 0.0, 1.0, "GAE's discount and lambda are fractions (the paper uses 1)")
 
 
 def check_minibatches(mini_batch_size: int | None, micro_batch_size: int | None, rollout: int, source: str,

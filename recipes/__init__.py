@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from importlib import util
 from pathlib import Path
+
+CONFIG_FLAGS = ("--config", "-c")
 
 
 def _config_dirs() -> list[Path]:
@@ -18,7 +21,7 @@ def _config_dirs() -> list[Path]:
     dirs = [root / "yaml"] if (root / "pyproject.toml").is_file() else []  # not site-packages/yaml, which is PyYAML
     try:
         spec = util.find_spec("recipes.configs")
-    except ImportError:
+    except (ImportError, ValueError):  # a broken install: the checkout's yaml/ (if any) is all there is
         spec = None
     # A namespace package's locations are real folders; importlib.resources.files() would give a MultiplexedPath.
     locations = spec.submodule_search_locations if spec is not None else None
@@ -41,11 +44,49 @@ def resolve_configs(args: list[str]) -> list[str]:
     out = list(args)
     for i, arg in enumerate(out):
         key, eq, value = arg.partition("=")
-        if key in ("--config", "-c") and eq:
+        if key in CONFIG_FLAGS and eq:
             out[i] = f"{key}={_shipped(value)}"
-        elif i and args[i - 1] in ("--config", "-c"):
+        elif i and args[i - 1] in CONFIG_FLAGS:
             out[i] = _shipped(arg)
     return out
+
+
+def config_values(args: list[str]) -> list[str]:
+    """The values of every ``--config X``, ``--config=X``, ``-c X`` and ``-c=X`` in ``args``."""
+    values = []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in CONFIG_FLAGS and eq:
+            values.append(value)
+        elif i and args[i - 1] in CONFIG_FLAGS:
+            values.append(arg)
+    return values
+
+
+def shipped_configs() -> list[str]:
+    """Every shipped config as ``yaml/<folder>/<name>.yaml``, sorted."""
+    names = {f"yaml/{p.relative_to(d).as_posix()}" for d in _config_dirs() if d.is_dir() for p in d.rglob("*.yaml")}
+    return sorted(names)
+
+
+def check_configs(args: list[str]) -> None:
+    """Stop with a message naming each ``--config`` file of ``args`` (after `resolve_configs`) that does not exist,
+    with the shipped configs nearest to it, instead of the parser's bare "File does not exist"."""
+    problems = []
+    for value in config_values(args):
+        if os.path.exists(value) or not value.endswith((".yaml", ".yml")):
+            continue  # not a file name: an inline YAML/JSON config, which the parser reads
+        shipped = shipped_configs()
+        wanted = "yaml/" + value.removeprefix("./").removeprefix("yaml/")
+        near = difflib.get_close_matches(wanted, shipped, n=4, cutoff=0.75)
+        folder = os.path.dirname(wanted) + "/"
+        near = near or [name for name in shipped if name.startswith(folder)][:8]
+        hint = f"nearest shipped configs: {', '.join(near)}" if near else (
+            f"the {len(shipped)} shipped configs are under yaml/ (e.g. {', '.join(shipped[:3])})")
+        problems.append(f"--config {value}: no such file (from {os.getcwd()}) and no shipped config of that name; "
+                        f"{hint}.")
+    if problems:
+        raise SystemExit("\n".join(f"error: {p}" for p in problems))
 
 
 def _shipped(value: str) -> str:

@@ -16,44 +16,23 @@ import marshal
 import os
 import secrets
 import shutil
-import site
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
+from recipes.modules.code import frames
 from recipes.modules.code.host import LEFTOVER_KINDS, UidLease, lease_uid, sandbox_capabilities
-from recipes.modules.code.launch import communicate
+from recipes.modules.code.launch import Harness
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["script", "stdio", "call"]
+Mode = Literal["script", "stdio", "call", "check"]
 UnitStatus = Literal["ok", "error", "timeout", "output_limit", "incomplete", "skipped", "missing"]
-_TMPFS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable on a stock Linux: each gets a fresh tmpfs
-_PREIMPORT = ("math", "collections", "itertools", "functools", "heapq", "bisect", "re", "string", "typing",
-              "fractions", "decimal", "random", "statistics", "copy", "operator", "array", "datetime", "io",
-              "traceback")  # only imported up front when /root (the interpreter) is unreadable to the sandbox uid
-
-
-def checkout_root() -> Path | None:
-    """The source checkout this file runs from (the nearest folder above it with a ``pyproject.toml``), or None for an
-    installed copy. Found by walking up, so moving this file within the package cannot change the answer."""
-    return next((p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()), None)
-
-
-def _default_hidden() -> tuple[str, ...]:
-    """Home folders and the folder holding this repository's checkout (problem files, canonical solutions, tests,
-    ``../shared/data``); an installed copy hides the home folders only (name more in ``hidden_paths``)."""
-    root = checkout_root()
-    candidates = ["/root", "/home"] + ([str(root.parent)] if root is not None else [])
-    return tuple(p for p in candidates if p != "/" and os.path.isdir(p))
-
-
 @dataclass(frozen=True)
 class SandboxConfig:
     """Limits of one sandboxed run. Per-unit limits apply to each test unit (one stdin or one call) separately.
@@ -92,8 +71,11 @@ class SandboxConfig:
 
 @dataclass(frozen=True)
 class ExecutionJob:
-    """One program and its test units. ``script``: run ``code`` once (tests inside it, e.g. HumanEval's check);
-    ``stdio``: run once per input string fed on stdin; ``call``: call ``fn_name(*args)`` once per JSON args list."""
+    """One program and its test units. ``script``: run ``code`` once (any tests inside it run with it); ``stdio``: run
+    once per input string fed on stdin; ``call``: call ``fn_name(*args)`` once per JSON args list; ``check``: per
+    input, a trusted test program defining ``check(candidate)`` (HumanEval's ``prompt + test``) runs *outside* the
+    program's process, with ``candidate`` (and the name ``fn_name``) a proxy that sends each call's arguments to the
+    program and gets back plain data (`recipes.modules.code.sandbox.calls`)."""
 
     code: str
     mode: Mode = "script"
@@ -129,30 +111,13 @@ class ExecutionResult:
 
 
 @functools.cache
-def _interpreter_paths(python: str) -> tuple[list[str], list[str]]:
-    """Folders the sandboxed interpreter must still see (its prefix) and its site-packages (``-S`` skips site)."""
-    prefixes = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(python).resolve().parents[1])})
-    return prefixes, [p for p in site.getsitepackages() if os.path.isdir(p)]
-
-
-def _spec(job: ExecutionJob, config: SandboxConfig, uid: int | None, workdir: str, nonce: str) -> dict[str, Any]:
-    caps = sandbox_capabilities(config.python)
-    prefixes, site_dirs = _interpreter_paths(config.python)
-    inputs = [json.dumps(list(x)) if job.mode == "call" else x for x in job.inputs]
-    return {
-        "mode": job.mode, "code": job.code, "inputs": inputs, "fn_name": job.fn_name, "nonce": nonce,
-        "timeout": config.timeout_s, "stop_on_error": config.stop_on_error, "workdir": workdir,
-        "uid": uid, "gid": uid,
-        "ns": {"net": caps.net_ns, "mount": caps.mount_ns, "pid": caps.pid_ns},
-        "limits": {"memory_mb": config.memory_mb, "cpu_s": int(config.timeout_s) + 1, "fsize_mb": config.fsize_mb,
-                   "nproc": config.nproc if uid is not None else 0, "nofile": config.nofile,
-                   "out_bytes": config.out_bytes},
-        "tmpfs": list(_TMPFS), "tmpfs_mb": config.tmpfs_mb,
-        "hide": list(_default_hidden() if config.hidden_paths is None else config.hidden_paths),
-        "expose": prefixes,
-        "preimport": list(_PREIMPORT) if uid is not None and not caps.mount_ns else [],
-        "sys_path": site_dirs,
-    }
+def _tmpfs_parent() -> str | None:
+    """Where work dirs go when the sandbox mounts its own tmpfs on them (the host dir stays an empty mount point): a
+    host tmpfs if there is one, since mkdir + rmdir on a disk mounted with ``discard`` cost ~4 ms per job here."""
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        tmpfs = {fields[1] for fields in map(str.split, f) if len(fields) > 2 and fields[2] == "tmpfs"}
+        return next((d for d in ("/dev/shm", "/run") if d in tmpfs and os.access(d, os.W_OK)), None)
+    return None
 
 
 @contextlib.contextmanager
@@ -163,13 +128,13 @@ def _isolation(config: SandboxConfig) -> Iterator[tuple[UidLease | None, str]]:
     if config.require_isolation and not caps.isolated:
         raise RuntimeError(f"sandbox: full isolation required but this machine supports {caps.as_dict()}")
     with contextlib.ExitStack() as stack:
-        workdir = tempfile.mkdtemp(prefix="sandbox-")
+        workdir = tempfile.mkdtemp(prefix="sandbox-", dir=_tmpfs_parent() if caps.mount_ns else None)
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # runs after the lease's release check
         lease = stack.enter_context(lease_uid(config.uid_base, config.uid_count)) if caps.setuid else None
         if lease is not None:
             os.chown(workdir, lease.uid, lease.uid)
             lease.dirs = (workdir,)
-            lease.shared_dirs = () if caps.mount_ns else _TMPFS  # else the program wrote to the host's own /tmp
+            lease.shared_dirs = () if caps.mount_ns else frames.TMPFS  # else the program wrote to the host's own /tmp
         yield lease, workdir
 
 
@@ -201,42 +166,68 @@ def _units(job: ExecutionJob, lines: list[dict[str, Any]], nonce: str) -> list[U
     return units
 
 
+class _Sandbox:
+    """A sandbox made ready before its job: a uid leased, a work dir made, H started with the environment frame (it
+    enters the namespaces, I mounts and drops to the uid, then waits for a job). `run` sends one job, collects and
+    releases everything (the release check included); `close` releases one that never got a job."""
+
+    def __init__(self, config: SandboxConfig) -> None:
+        self.config = config
+        self.stack = contextlib.ExitStack()
+        try:
+            self.lease, workdir = self.stack.enter_context(_isolation(config))
+            env = frames.environment(config, sandbox_capabilities(config.python), self.lease and self.lease.uid,
+                                     workdir)
+            self.harness = Harness(config.python, config.fork_server, frames.frame(marshal.dumps(env)))
+            self.stack.callback(self.harness.close)  # before the lease's release check
+        except BaseException:
+            self.stack.close()
+            raise
+
+    def run(self, job: ExecutionJob, after_send: Callable[[], None] | None = None) -> ExecutionResult:
+        """Run ``job`` and report each unit. Never raises for anything the program does."""
+        config, lease = self.config, self.lease
+        start = time.monotonic()
+        nonce = secrets.token_hex(16)
+        with self.stack:
+            payload = frames.job_frames(job, nonce, config.python)
+            cap = len(job.inputs) * (12 * config.out_bytes + 16384) + 65536
+            out, err, timed_out = self.harness.communicate(payload, config.wall_timeout(len(job.inputs)), cap,
+                                                           after_send)
+            lines = _records(out)
+            done = not timed_out and bool(lines) and lines[-1].get("end") == len(job.inputs)
+            if lease is not None and done and sandbox_capabilities(config.python).pid_ns:
+                lease.needs_sweep = False  # pid 1 of the namespace exited and H reaped it: the kernel killed the rest
+        units = _units(job, lines, nonce)
+        status = "timeout" if timed_out else ("done" if done else "crashed")
+        if status == "timeout":
+            units = [u if u.status != "missing" else UnitResult("timeout") for u in units]
+        leftovers = _leftovers(lines, lease)
+        if any(leftovers.values()):
+            (log.warning if lease is not None and any(lease.leftovers.values()) else log.info)(
+                "sandbox: the program left %s behind; all killed or removed", leftovers)
+        return ExecutionResult(status, units, time.monotonic() - start, err.decode("utf-8", "replace")[-4096:],
+                               leftovers)
+
+    def close(self) -> None:
+        """Release a sandbox that got no job: I reads end of file and exits before any program ran."""
+        with self.stack:
+            if self.harness.close(wait_s=5.0) and self.lease is not None and \
+                    sandbox_capabilities(self.config.python).pid_ns:
+                self.lease.needs_sweep = False  # as after a job: H reaped I, so its namespace is empty
+
+
 def execute(job: ExecutionJob, config: SandboxConfig | None = None) -> ExecutionResult:
     """Run one job in the sandbox and report each unit. Never raises for anything the program does."""
-    config = config or SandboxConfig()
     if not job.inputs:
         raise ValueError("ExecutionJob has no test units; a program with no tests cannot be judged")
-    start = time.monotonic()
-    nonce = secrets.token_hex(16)
-    with _isolation(config) as (lease, workdir):
-        payload = marshal.dumps(_spec(job, config, lease and lease.uid, workdir, nonce))
-        cap = len(job.inputs) * (12 * config.out_bytes + 16384) + 65536
-        wall = config.wall_timeout(len(job.inputs))
-        out, err, timed_out = communicate(config.python, config.fork_server, payload, wall, cap)
-        lines = _records(out)
-        done = not timed_out and bool(lines) and lines[-1].get("end") == len(job.inputs)
-        if lease is not None and done and sandbox_capabilities(config.python).pid_ns:
-            lease.needs_sweep = False  # pid 1 of the namespace exited and H reaped it: the kernel killed the rest
-    units = _units(job, lines, nonce)
-    status = "timeout" if timed_out else ("done" if done else "crashed")
-    if status == "timeout":
-        units = [u if u.status != "missing" else UnitResult("timeout") for u in units]
-    leftovers = _leftovers(lines, lease)
-    if any(leftovers.values()):
-        (log.warning if lease is not None and any(lease.leftovers.values()) else log.info)(
-            "sandbox: the program left %s behind; all killed or removed", leftovers)
-    return ExecutionResult(status, units, time.monotonic() - start, err.decode("utf-8", "replace")[-4096:],
-                           leftovers)
-
-
-_PARSE_LOCK = threading.Lock()  # CPython 3.11's ast.parse is not thread-safe (gh-106905: "AST constructor recursion
-# depth mismatch" SystemError when execute_many's workers parse records at the same time)
+    return _Sandbox(config or SandboxConfig()).run(job)
 
 
 def _records(out: bytes) -> list[dict[str, Any]]:
     """I's records, one Python literal per line; a line that does not parse (cut at the output cap) is dropped."""
     lines = []
-    with _PARSE_LOCK:
+    with frames.PARSE_LOCK:
         for raw in out.splitlines():
             with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
                 record = ast.literal_eval(raw.decode("utf-8", "replace"))
@@ -273,17 +264,45 @@ def _progress(total: int, description: str, enabled: bool) -> Iterator[Callable[
 
 def execute_many(jobs: Sequence[ExecutionJob], config: SandboxConfig | None = None, n_workers: int | None = None,
                  progress: bool = True, description: str = "executing") -> list[ExecutionResult]:
-    """Run jobs in parallel (``n_workers`` threads, default: CPU count, each launching one sandbox); keeps order."""
+    """Run jobs in parallel (``n_workers`` threads, default: CPU count); keeps order. Each worker sets up the sandbox
+    of its next job while the current one runs (a fresh one per job all the same: uid, namespaces, work dir)."""
     if not jobs:
         return []
+    if not all(job.inputs for job in jobs):
+        raise ValueError("ExecutionJob has no test units; a program with no tests cannot be judged")
     config = config or SandboxConfig()
     sandbox_capabilities(config.python)  # probe once, before the threads race for it
     workers = max(1, min(n_workers or os.cpu_count() or 1, len(jobs)))
+    results: list[ExecutionResult | None] = [None] * len(jobs)
+    queue, lock = iter(range(len(jobs))), threading.Lock()
+    state = {"taken": 0}
+
+    def worker(advance: Callable[[], None]) -> None:
+        spare: list[_Sandbox] = []
+
+        def get_ready() -> None:  # while this job runs; only if some job is still waiting for a worker
+            with lock:
+                wanted = state["taken"] < len(jobs)
+            if wanted:
+                spare.append(_Sandbox(config))
+
+        try:
+            while True:
+                with lock:
+                    i = next(queue, None)
+                    state["taken"] += i is not None
+                if i is None:
+                    return
+                sandbox = spare.pop() if spare else _Sandbox(config)
+                results[i] = sandbox.run(jobs[i], get_ready)
+                with lock:
+                    advance()
+        finally:
+            for sandbox in spare:
+                sandbox.close()
+
     with ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool, \
             _progress(len(jobs), description, progress) as advance:
-        futures = {pool.submit(execute, job, config): i for i, job in enumerate(jobs)}
-        results: list[ExecutionResult | None] = [None] * len(jobs)
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
-            advance()
+        for future in [pool.submit(worker, advance) for _ in range(workers)]:
+            future.result()
     return results  # type: ignore[return-value]

@@ -1,5 +1,5 @@
 """Starting the sandbox's harness H (through the fork server or as a fresh interpreter) and exchanging bytes with it:
-the job spec in, capped records and diagnostics out, a SIGKILL at the deadline. Used by
+the environment and job frames in, capped records and diagnostics out, a SIGKILL at the deadline. Used by
 `recipes.modules.code.execution`."""
 
 from __future__ import annotations
@@ -57,34 +57,84 @@ def launch(python: str, fork_server: bool) -> tuple[int, int, int, Callable[[], 
             os.close(fd)
 
 
-def communicate(python: str, fork_server: bool, payload: bytes, wall: float, cap: int) -> tuple[bytes, bytes, bool]:
-    """Send the spec, read records and stderr incrementally with caps; SIGKILL H at the deadline."""
-    spec_w, out_r, err_r, kill, reap = launch(python, fork_server)
-    with contextlib.suppress(BrokenPipeError):
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(spec_w, view):]
-    os.close(spec_w)
-    out, err, timed_out = bytearray(), bytearray(), False
-    deadline = time.monotonic() + wall
-    poll = select.poll()
-    for fd in (out_r, err_r):
-        poll.register(fd, select.POLLIN)
-    open_fds = {out_r: out, err_r: err}
-    while open_fds:
-        events = poll.poll(max(0.0, deadline - time.monotonic()) * 1000)
-        if not events:
-            timed_out = True
-            break
-        for fd, _ in events:
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                poll.unregister(fd)
-                del open_fds[fd]
-            elif len(buf := out if fd == out_r else err) < (cap if fd == out_r else 65536):
-                buf.extend(chunk)  # beyond the cap we keep reading (so the child never blocks) but drop
-    kill()
-    reap()
-    os.close(out_r)
-    os.close(err_r)
-    return bytes(out), bytes(err), timed_out
+class Harness:
+    """A started H: fd 0 the parent's stream (spec frames, written as H and I read them), fds 1 and 2 its records and
+    diagnostics. ``first`` (the environment frame) is written at once, so H and I set the sandbox up before a job is
+    known; `communicate` sends the job and collects the output; `close` SIGKILLs H (I dies with it) and reaps it."""
+
+    def __init__(self, python: str, fork_server: bool, first: bytes) -> None:
+        self.spec_w, self.out_r, self.err_r, self._kill, self._reap = launch(python, fork_server)
+        os.set_blocking(self.spec_w, False)  # written as H and I read it (check mode's tests one unit at a time)
+        self.pending = self._write(memoryview(first))
+        self.closed = False
+
+    def _write(self, view: memoryview) -> memoryview:
+        try:
+            return view[os.write(self.spec_w, view):]
+        except BlockingIOError:
+            return view
+        except OSError:  # H or I ended before reading it all (stop_on_error, a crash)
+            return view[:0]
+
+    def communicate(self, payload: bytes, wall: float, cap: int, after_send: Callable[[], None] | None = None
+                    ) -> tuple[bytes, bytes, bool]:
+        """Send ``payload``, read records and stderr incrementally with caps until H's pipes close; SIGKILL H at the
+        deadline. ``after_send`` runs once the first bytes are written (the next job's sandbox gets ready then)."""
+        view = self._write(memoryview(bytes(self.pending) + payload))
+        if after_send is not None:
+            after_send()
+        out, err, timed_out = bytearray(), bytearray(), False
+        deadline = time.monotonic() + wall
+        poll = select.poll()
+        for fd in (self.out_r, self.err_r):
+            poll.register(fd, select.POLLIN)
+        if view:
+            poll.register(self.spec_w, select.POLLOUT)
+        open_fds = {self.out_r: out, self.err_r: err}
+        while open_fds:
+            events = poll.poll(max(0.0, deadline - time.monotonic()) * 1000)
+            if not events:
+                timed_out = True
+                break
+            for fd, _ in events:
+                if fd == self.spec_w:
+                    view = self._write(view)
+                    if not view:
+                        poll.unregister(fd)
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    poll.unregister(fd)
+                    del open_fds[fd]
+                elif len(buf := out if fd == self.out_r else err) < (cap if fd == self.out_r else 65536):
+                    buf.extend(chunk)  # beyond the cap we keep reading (so the child never blocks) but drop
+        self.close()
+        return bytes(out), bytes(err), timed_out
+
+    def close(self, wait_s: float = 0.0) -> bool:
+        """SIGKILL and reap H; with ``wait_s``, first end the spec stream and wait that long for H to exit by itself
+        (a sandbox that got no job: I reads end of file before any program ran). Returns whether H exited so."""
+        if self.closed:
+            return False
+        self.closed = True
+        exited = False
+        if wait_s > 0:
+            os.close(self.spec_w)
+            self.spec_w = -1
+            deadline = time.monotonic() + wait_s
+            poll = select.poll()
+            for fd in (self.out_r, self.err_r):
+                poll.register(fd, select.POLLIN)
+            open_fds = {self.out_r, self.err_r}
+            while open_fds and (events := poll.poll(max(0.0, deadline - time.monotonic()) * 1000)):
+                for fd, _ in events:
+                    if not os.read(fd, 1 << 16):
+                        poll.unregister(fd)
+                        open_fds.discard(fd)
+            exited = not open_fds
+        self._kill()
+        self._reap()
+        for fd in (self.out_r, self.err_r, self.spec_w):
+            if fd >= 0:
+                os.close(fd)
+        return exited

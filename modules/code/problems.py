@@ -19,7 +19,8 @@ REL_TOL, ABS_TOL = 1e-5, 1e-8  # numpy.allclose defaults, which the APPS evaluat
 
 @dataclass(frozen=True)
 class CodeProblem:
-    """One problem with its tests. Expected outputs never enter the sandbox (except HumanEval's in-program asserts).
+    """One problem with its tests. Expected outputs never enter the program's process (HumanEval's asserts run in a
+    trusted process of the sandbox that calls the program across a pipe).
 
     Args:
         task_id: unique id (HumanEval ``task_id``, APPS ``problem_id``, CodeContests ``name``).
@@ -74,17 +75,14 @@ class Verdict:
     status: str  # "passed", or why not: "wrong_answer", "timeout", "error", "incomplete", "crashed", ...
 
 
-def program_text(problem: CodeProblem, completion: str) -> str:
-    """The program that runs: prefix + completion (+ HumanEval's test code and ``check(entry_point)``)."""
+def make_job(problem: CodeProblem, completion: str) -> ExecutionJob:
+    """The sandbox job: ``prefix + completion`` runs in the sandbox. HumanEval's tests (``script``) run in ``check``
+    mode: the prompt and ``check`` run in a trusted process that calls the program's ``entry_point`` across a pipe, so
+    the asserts never share an interpreter with the completion (docs/execution.md, threat model)."""
     code = problem.prefix + completion
     if problem.kind == "script":
-        code += f"\n\n{problem.tests[0]}\n\ncheck({problem.entry_point})\n"
-    return code
-
-
-def make_job(problem: CodeProblem, completion: str) -> ExecutionJob:
-    inputs = (None,) if problem.kind == "script" else problem.tests
-    return ExecutionJob(program_text(problem, completion), problem.kind, inputs, problem.entry_point)
+        return ExecutionJob(code, "check", (f"{problem.prefix}\n\n{problem.tests[0]}\n",), problem.entry_point)
+    return ExecutionJob(code, problem.kind, problem.tests, problem.entry_point)
 
 
 def _is_number(token: str) -> float | None:

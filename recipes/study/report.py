@@ -252,8 +252,8 @@ def plot(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], study:
             curves = [e["curve"] for e in evals if e["stage"] == stage and e.get("curve")]
             if not curves:
                 continue
-            ppo = "ppo" in str(stages[stage]["config"].get("model", {}).get("class_path", "")).lower()
-            ax = row_axes[1 if ppo else 0]
+            module = str(stages[stage]["config"].get("model", {}).get("class_path", "")).lower()
+            ax = row_axes[1 if "ppo" in module or "grpo" in module else 0]  # on-policy RL counts iterations
             steps = sorted({p["step"] for c in curves for p in c})
             stats = [_mean_std([p["gold"] for c in curves for p in c if p["step"] == s]) for s in steps]
             m = [a for a, _ in stats]
@@ -265,7 +265,7 @@ def plot(rows: Sequence[dict[str, Any]], evals: Sequence[dict[str, Any]], study:
             ax.axhline(_mean([r["gold"] for r in rows if r["stage"] == study["tracks"][t].sft]), color="gray", ls="--",
                        lw=1, label="SFT")
         row_axes[0].set_title(f"Track {t}: DPO family (optimizer steps)", fontsize=9)
-        row_axes[1].set_title(f"Track {t}: PPO (iterations)", fontsize=9)
+        row_axes[1].set_title(f"Track {t}: PPO, GRPO, RLOO (iterations)", fontsize=9)
         for ax in row_axes:
             ax.set_xlabel("training step")
             ax.set_ylabel("held-out gold (mean ± std over seeds)")

@@ -61,21 +61,21 @@ def test_code_contests_fixture_orders_public_tests_first():
 
 def test_malformed_input_output_names_row_and_field(tmp_path):
     path = write_jsonl(tmp_path / "apps.jsonl", [apps_row(), apps_row(problem_id=8, input_output="{not json")])
-    with pytest.raises(DataFormatError, match=r"row 1, field 'input_output': is not valid JSON"):
+    with pytest.raises(DataFormatError, match=r"row 2, field 'input_output': is not valid JSON"):
         load_problems(path)
 
 
 @pytest.mark.parametrize("io", ["", json.dumps({"inputs": [], "outputs": []})])
 def test_problem_without_tests_is_refused(tmp_path, io):
     path = write_jsonl(tmp_path / "apps.jsonl", [apps_row(input_output=io)])
-    with pytest.raises(DataFormatError, match=r"row 0, field 'input_output'.*no tests"):
+    with pytest.raises(DataFormatError, match=r"row 1, field 'input_output'.*no tests"):
         load_problems(path)
 
 
 def test_code_contests_row_without_any_tests_is_refused(tmp_path):
     empty = {"input": [], "output": []}
     row = {"name": "x", "description": "d", "public_tests": empty, "private_tests": empty, "generated_tests": empty}
-    with pytest.raises(DataFormatError, match=r"row 0, field 'public_tests'.*no tests"):
+    with pytest.raises(DataFormatError, match=r"row 1, field 'public_tests'.*no tests"):
         load_problems(write_jsonl(tmp_path / "cc.jsonl", [row]))
     with pytest.raises(ValueError, match="no tests"):
         CodeProblem("p", "", "stdio", ())
@@ -83,12 +83,12 @@ def test_code_contests_row_without_any_tests_is_refused(tmp_path):
 
 def test_mismatched_inputs_and_outputs_name_the_row(tmp_path):
     bad = apps_row(input_output=json.dumps({"inputs": ["1", "2"], "outputs": ["1"]}))
-    with pytest.raises(DataFormatError, match=r"row 0, field 'input_output': 2 inputs but 1 outputs"):
+    with pytest.raises(DataFormatError, match=r"row 1, field 'input_output': 2 inputs but 1 outputs"):
         load_problems(write_jsonl(tmp_path / "apps.jsonl", [bad]))
 
 
 def test_duplicate_ids_are_refused(tmp_path):
-    with pytest.raises(DataFormatError, match=r"row 1, field 'task_id': duplicate"):
+    with pytest.raises(DataFormatError, match=r"row 2, field 'task_id': duplicate"):
         load_problems(write_jsonl(tmp_path / "apps.jsonl", [apps_row(), apps_row()]))
 
 

@@ -37,7 +37,7 @@ def test_hh_prompt_mismatch_names_the_row_or_is_dropped_with_a_count(tmp_path, c
     ok = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
     bad = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: yo\n\nAssistant: go"}
     path = write_jsonl(tmp_path / "hh.jsonl", [ok, bad])
-    with pytest.raises(DataFormatError, match=r"hh.jsonl, row 1, field 'rejected': its prompt .* differs"):
+    with pytest.raises(DataFormatError, match=r"hh.jsonl, row 2, field 'rejected': its prompt .* differs"):
         _dm(path, source_format="hh").setup("fit")
     dm = _dm(path, source_format="hh", drop_prompt_mismatch=True)
     with caplog.at_level(logging.WARNING):
@@ -46,10 +46,11 @@ def test_hh_prompt_mismatch_names_the_row_or_is_dropped_with_a_count(tmp_path, c
 
 
 def test_real_hh_harmless_test_file_parses_with_counts(caplog):
-    """2,312 rows: 2,303 pairs parse; 5 differ before the last assistant turn (rows 1254, 1688, 1950, 1952, 2036:
-    a response itself contains '\\n\\nAssistant:') and 4 have an empty chosen response (rows 86, 516, 925, 1103)."""
+    """2,312 rows: 2,303 pairs parse; 5 differ before the last assistant turn (0-based rows 1254, 1688, 1950, 1952,
+    2036: a response itself contains '\\n\\nAssistant:') and 4 have an empty chosen response (0-based 86, 516, 925,
+    1103; messages count rows from 1)."""
     path = shared_file("hh-rlhf/harmless-base-test.jsonl.gz")
-    with pytest.raises(DataFormatError, match="row 86, field 'chosen': has an empty"):
+    with pytest.raises(DataFormatError, match="row 87, field 'chosen': has an empty"):
         _dm(path, source_format="hh").read_pairs(str(path))
     dm = _dm(path, source_format="hh", drop_empty=True, drop_prompt_mismatch=True)
     with caplog.at_level(logging.WARNING):
@@ -94,7 +95,7 @@ def test_saferlhf_sft_on_safe_view(caplog):
 def test_saferlhf_bad_label_names_field(tmp_path):
     row = {"prompt": "q", "response_0": "a", "response_1": "b", "better_response_id": 2, "safer_response_id": 0,
            "is_response_0_safe": True, "is_response_1_safe": True}
-    with pytest.raises(DataFormatError, match="row 0, field 'better_response_id': expected 0 or 1"):
+    with pytest.raises(DataFormatError, match="row 1, field 'better_response_id': expected 0 or 1"):
         _dm(write_jsonl(tmp_path / "s.jsonl", [row]), source_format="saferlhf").setup("fit")
 
 
@@ -143,7 +144,7 @@ def test_truncation_and_identical_pairs_are_counted(tmp_path, caplog):
                                         ({"prompt": "a", "chosen": " ", "rejected": "c"}, "chosen")])
 def test_missing_or_empty_field_names_file_row_and_field(tmp_path, row, field):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "x", "rejected": "y"}, row])
-    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 1, field '{field}'"):
+    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 2, field '{field}'"):
         _dm(path).setup("fit")
 
 
@@ -157,7 +158,7 @@ def test_empty_response_dropped_with_count_when_asked(tmp_path, caplog):
 
 def test_non_json_row_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, "{oops"])
-    with pytest.raises(DataFormatError, match=r"broken.jsonl, row 1: line 2 is not JSON"):
+    with pytest.raises(DataFormatError, match=r"broken.jsonl, line 2: is not JSON"):
         _dm(path).setup("fit")
 
 

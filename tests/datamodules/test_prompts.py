@@ -74,5 +74,5 @@ def test_empty_file_and_nothing_usable_are_errors_with_counts(tmp_path):
     with pytest.raises(DataFormatError, match="fewer than one rollout"):
         PromptDataModule(data=str(few), rollout_batch_size=4).setup("fit")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}])
-    with pytest.raises(DataFormatError, match="row 0, field 'prompt'"):
+    with pytest.raises(DataFormatError, match="row 1, field 'prompt'"):
         PromptDataModule(data=str(bad), rollout_batch_size=1).setup("fit")

@@ -95,8 +95,8 @@ def test_collate_pads_rows_to_the_largest_k():
 
 
 @pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "p", "scores": [1.0, 0.0]}, "responses", "missing"),
-    ({"prompt": "p", "responses": ["a", "b"]}, "scores", "missing"),
+    ({"prompt": "p", "scores": [1.0, 0.0]}, "responses", "has no value"),  # the other row has it: datasets fills None
+    ({"prompt": "p", "responses": ["a", "b"]}, "scores", "has no value"),
     ({"prompt": "p", "responses": "ab", "scores": [1.0, 0.0]}, "responses", "expected a list, got str"),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1.0]}, "scores", "has 1 entries for 2 responses"),
     ({"prompt": "p", "responses": ["a", "b"], "scores": [1.0, "high"]}, r"scores\[1\]", "expected a number"),
@@ -104,13 +104,13 @@ def test_collate_pads_rows_to_the_largest_k():
 def test_bad_ranking_rows_name_file_row_and_field(tmp_path, row, field, problem):
     good = {"prompt": "p", "responses": ["a", "b"], "scores": [1.0, 0.0]}
     path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
-    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 1, field '{field}': {problem}"):
+    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 2, field '{field}': {problem}"):
         _dm(path).setup("fit")
 
 
 def test_non_json_row_names_file_and_row(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}, "{oops"])
-    with pytest.raises(DataFormatError, match=r"bad.jsonl, row 1: line 2 is not JSON"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl, line 2: is not JSON"):
         _dm(path).setup("fit")
 
 
@@ -118,7 +118,7 @@ def test_hh_prompt_mismatch_names_the_row_or_is_dropped_with_a_count(tmp_path):
     ok = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}
     bad = {"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: ho\n\nAssistant: b"}
     path = write_jsonl(tmp_path / "hh.jsonl", [ok, bad])
-    with pytest.raises(DataFormatError, match=r"hh.jsonl, row 1, field 'rejected': its prompt .* differs"):
+    with pytest.raises(DataFormatError, match=r"hh.jsonl, row 2, field 'rejected': its prompt .* differs"):
         _dm(path, source_format="hh").setup("fit")
     dm = _dm(path, source_format="hh", drop_prompt_mismatch=True)
     dm.setup("fit")

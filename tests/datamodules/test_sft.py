@@ -68,13 +68,13 @@ def test_truncate_pair_left_prompt_right_response():
                                         ({"instruction": "a", "output": "  "}, "output")])
 def test_bad_rows_name_file_row_and_field(tmp_path, row, field):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "ok", "output": "fine"}, row])
-    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 1, field '{field}'"):
+    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 2, field '{field}'"):
         _dm(path).setup("fit")
 
 
 def test_non_json_line_names_the_line(tmp_path):
     path = write_jsonl(tmp_path / "broken.jsonl", [{"instruction": "a", "output": "b"}, "{not json"])
-    with pytest.raises(DataFormatError, match=r"broken.jsonl, row 1: line 2 is not JSON"):
+    with pytest.raises(DataFormatError, match=r"broken.jsonl, line 2: is not JSON"):
         _dm(path).setup("fit")
 
 
@@ -84,8 +84,40 @@ def test_hh_chosen_source(tmp_path):
     dm.setup("fit")
     assert dm.tokenizer.decode(dm.train_set[0]["response_ids"][:-1]) == " hello"
     bad = write_jsonl(tmp_path / "hhbad.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: "}])
-    with pytest.raises(DataFormatError, match="row 0, field 'chosen'"):
+    with pytest.raises(DataFormatError, match="row 1, field 'chosen'"):
         _dm(bad, source_format="hh_chosen").setup("fit")
+
+
+def test_hh_chosen_honours_drop_empty_with_a_count(tmp_path, caplog):
+    """An empty final chosen response is an error naming the row by default, and a logged, counted drop with
+    ``drop_empty`` (it used to be an error either way, so SFT could not run on the real HH file)."""
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    empty = {"chosen": "\n\nHuman: hi\n\nAssistant: ", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    path = write_jsonl(tmp_path / "hh.jsonl", [good, empty, good])
+    with pytest.raises(DataFormatError, match=r"hh.jsonl, row 2, field 'chosen': has an empty final assistant "
+                                              r"response\. remove the row, or set drop_empty: true"):
+        _dm(path, source_format="hh_chosen").setup("fit")
+    dm = _dm(path, source_format="hh_chosen", drop_empty=True)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert len(dm.train_set) == 2
+    assert "1 of 3 rows dropped: empty 'chosen'" in caplog.text
+    assert dm.counts == {f"{path}: dropped: empty 'chosen'": 1}
+
+
+def test_sft_on_the_real_hh_file_drops_its_four_empty_responses(caplog):
+    """The HH-RLHF harmless-base test split: 2,312 rows, 4 with an empty chosen response (0-based 86, 516, 925,
+    1103; messages count from 1)."""
+    path = shared_file("hh-rlhf/harmless-base-test.jsonl.gz")
+    kw = dict(tokenizer="builtin:byte", data=str(path), source_format="hh_chosen", max_length=256, batch_size=4,
+              val_fraction=0.0)
+    with pytest.raises(DataFormatError, match="row 87, field 'chosen': has an empty final assistant response"):
+        SFTDataModule(**kw).setup("fit")
+    dm = SFTDataModule(drop_empty=True, **kw)
+    with caplog.at_level(logging.WARNING):
+        dm.setup("fit")
+    assert len(dm.train_set) == 2312 - 4
+    assert "4 of 2312 rows dropped: empty 'chosen'" in caplog.text
 
 
 def test_missing_data_file_says_what_to_do(tmp_path):
@@ -94,14 +126,15 @@ def test_missing_data_file_says_what_to_do(tmp_path):
 
 
 def test_real_alpaca_rows_load(caplog):
-    """The real file has two rows with an empty output (rows 2335 and 4658): an error by default, a count on request."""
+    """The real file has two rows with an empty output (0-based 2335 and 4658; rows 2336 and 4659 in messages, which
+    count from 1): an error by default, a count on request."""
     path = shared_file("alpaca/alpaca_5000.json.gz")
     with gzip.open(path, "rt") as f:
         rows = json.load(f)
     empty = [i for i, r in enumerate(rows) if not r["output"].strip()]
     assert len(rows) == 5000 and empty == [2335, 4658]
     kw = dict(tokenizer="builtin:byte", data=str(path), max_length=2048, batch_size=4, val_fraction=0.02)
-    with pytest.raises(DataFormatError, match="row 2335, field 'output': is empty"):
+    with pytest.raises(DataFormatError, match="row 2336, field 'output': is empty"):
         SFTDataModule(**kw).setup("fit")
     dm = SFTDataModule(drop_empty=True, **kw)
     with caplog.at_level(logging.WARNING):

@@ -70,16 +70,16 @@ def test_builtin_pairs_are_held_out_whole():
 
 
 @pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "a", "completion": "b"}, "label", "missing"),
+    ({"prompt": "a", "completion": "b"}, "label", "has no value"),
     ({"prompt": "a", "completion": "b", "label": "yes"}, "label", "expected true/false, got 'yes'"),
     ({"prompt": "a", "completion": "b", "label": 1}, "label", "expected true/false, got 1"),
-    ({"prompt": "a", "label": True}, "completion", "missing"),
+    ({"prompt": "a", "label": True}, "completion", "has no value"),  # other rows have it: datasets fills None
     ({"prompt": "a", "completion": " ", "label": True}, "completion", "is empty"),
     ({"prompt": 3, "completion": "b", "label": True}, "prompt", "expected text"),
 ])
 def test_bad_row_names_file_row_and_field(tmp_path, row, field, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], row])
-    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 1, field '{field}': {problem}"):
+    with pytest.raises(DataFormatError, match=rf"bad.jsonl, row 2, field '{field}': {problem}"):
         _dm(path).setup("fit")
 
 

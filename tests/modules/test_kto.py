@@ -177,4 +177,14 @@ def test_tiny_kto_config_separates_desirable_from_undesirable(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert metrics["val/rewards/chosen"] > 0 > metrics["val/rewards/rejected"]
     assert metrics["val/rewards/margins"] >= 0.15
-    assert metrics["val/kto/accuracy"] >= 0.8
+    assert metrics["val/kto/accuracy"] >= 0.9
+
+
+def test_only_desirable_rows():
+    """A batch of desirable rows only (beta 2, lambda_D 2, z0 0.5; r - z0 = ln 3 / 2, 0): losses 2 (1 - 3/4) = 0.5 and
+    2 (1 - 1/2) = 1.0, finite, and the gradient pushes each log-prob up; no undesirable term is needed."""
+    policy = torch.tensor([0.5 + math.log(3) / 2, 0.5], requires_grad=True)
+    losses, _, z0, accuracies = _loss()(policy, torch.zeros(2), torch.tensor([True, True]), torch.tensor(0.5))
+    torch.testing.assert_close(losses, torch.tensor([0.5, 1.0]))
+    losses.sum().backward()
+    assert (policy.grad < 0).all() and z0.item() == 0.5 and accuracies.tolist() == [1.0, 0.0]

@@ -1,7 +1,6 @@
 """Policy helpers against naive computations."""
 
-import math
-
+import pytest
 import torch
 
 from recipes.modules.adapters import reference_context
@@ -63,22 +62,54 @@ def test_left_padding_gives_unpadded_logprobs(tiny_model):
     torch.testing.assert_close(lp_pad, lp, atol=1e-5, rtol=1e-5)
 
 
+def _plain_model(peft_model, spec, tokenizer, merge: str | None):
+    """The same network without peft, built independently: a fresh model of ``spec``'s config holding the peft
+    model's base weights, plus ``scaling * B @ A`` of adapter ``merge`` added to each adapted linear weight."""
+    from peft.tuners.lora import LoraLayer
+
+    from recipes.modules.models import build_causal_lm
+
+    plain = build_causal_lm(type(spec)(config=dict(spec.config)), tokenizer).eval()
+    prefix = "base_model.model."
+    weights = {k.removeprefix(prefix).replace(".base_layer.", "."): v for k, v in peft_model.state_dict().items()
+               if "lora_" not in k}
+    plain.load_state_dict(weights, strict=True)
+    if merge is not None:
+        with torch.no_grad():
+            for name, module in peft_model.named_modules():
+                if isinstance(module, LoraLayer):
+                    delta = module.lora_B[merge].weight @ module.lora_A[merge].weight * module.scaling[merge]
+                    plain.get_submodule(name.removeprefix(prefix)).weight.add_(delta)
+    return plain
+
+
 def test_reference_context_disables_lora(tiny_spec, byte_tokenizer):
+    """Inside ``reference_context`` the LoRA model computes exactly the base network's logits, outside it the
+    network with ``W + (alpha / r) B A`` on every adapted linear; both expected logits come from models built
+    without peft."""
     from recipes.modules.models import LoRASpec, build_causal_lm
 
     tiny_spec.lora = LoRASpec(r=4, alpha=8, dropout=0.0)
-    model = build_causal_lm(tiny_spec, byte_tokenizer)
+    model = build_causal_lm(tiny_spec, byte_tokenizer).eval()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p)  # a trained adapter changes the output
     ids = torch.randint(4, 200, (1, 5))
+    plain_spec = type(tiny_spec)(config=dict(tiny_spec.config))
     with torch.no_grad():
         with_adapter = model(input_ids=ids).logits
         with reference_context(model):
             base = model(input_ids=ids).logits
-        base_direct = model.get_base_model()
-    assert not torch.allclose(with_adapter, base)
-    assert math.isfinite(float(base.sum())) and base_direct is not None
+        after = model(input_ids=ids).logits
+        expected_base = _plain_model(model, plain_spec, byte_tokenizer, None)(input_ids=ids).logits
+        expected_adapted = _plain_model(model, plain_spec, byte_tokenizer, "default")(input_ids=ids).logits
+    torch.testing.assert_close(base, expected_base, rtol=0, atol=1e-5)
+    torch.testing.assert_close(with_adapter, expected_adapted, rtol=1e-4, atol=1e-4)
+    assert (with_adapter - base).abs().max() > 1e-2  # the adapter is not a no-op, so the two checks differ
+    assert torch.equal(after, with_adapter)  # the adapter is back on after the context
+    with pytest.raises(TypeError, match="needs a peft"):
+        with reference_context(build_causal_lm(plain_spec, byte_tokenizer)):
+            pass
 
 
 def test_reference_context_named_adapter_restores_training_state(tiny_spec, byte_tokenizer):

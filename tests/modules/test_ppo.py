@@ -66,11 +66,49 @@ def test_score_lands_on_eos_and_penalty_on_truncated_response(byte_tokenizer):
     torch.testing.assert_close(traj.scores, torch.tensor([20.0, -1.0]))
     assert reward.calls[0][1] == ["ab", "bbbb"]  # decoded without the stop token
     assert traj.input_ids.shape == (2, 10 + 4) and traj.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    # with the KL penalty the EOS token's reward is its score minus kl_coef * KL there
-    module.hparams.kl_coef = 0.1
-    traj = module.rollout(prompt_batch(tok, ["q1", "question 2"]))
-    kl = traj.old_logprobs - traj.ref_logprobs
-    torch.testing.assert_close(traj.rewards[0, 2], 20.0 - 0.1 * kl[0, 2])
+
+
+def _unpadded_response_logprobs(model, prompt_ids, response_ids):
+    """log p(response token t | prompt, earlier tokens) from one forward of the unpadded sequence: log_softmax of
+    the logits at the position before each response token, gathered at that token."""
+    ids = torch.tensor([prompt_ids + response_ids])
+    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1:-1]  # (R, V)
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response_ids)[:, None])[:, 0]
+
+
+def test_kl_penalty_is_taken_against_the_reference_not_the_policy(byte_tokenizer):
+    """The policy is moved away from the reference (its final norm scaled by 3), so every response token has a KL
+    ``k1 = log pi(y_t) - log pi_ref(y_t)`` far from 0, computed here from unpadded forwards of the policy and of a copy
+    of the initial policy. kl_coef 0.1: each real token's reward is ``-0.1 k1``, plus on the last real token the
+    clipped score (row 0, ended by EOS: 30 clipped to 20) or the truncation penalty (row 1: -1); padding gets 0. With
+    the reference equal to the policy, k1 = 0 and the rewards are the scores alone, which this test rejects."""
+    import copy
+
+    tok, eos, pad = byte_tokenizer, byte_tokenizer.eos_token_id, byte_tokenizer.pad_token_id
+    module = make_module(tok, FixedReward([30.0, 5.0]), kl_coef=0.1, reward_clip=20.0, missing_eos_penalty=-1.0,
+                         max_new_tokens=4)
+    initial = copy.deepcopy(module.policy).eval()
+    with torch.no_grad():
+        module.policy.model.norm.weight.mul_(3.0)
+    a, b = tok.convert_tokens_to_ids(["a", "b"])
+    responses, mask = [[a, b, eos], [b, b, b, b]], [[1, 1, 1, 0], [1, 1, 1, 1]]
+    module.forward = lambda batch: Generation(torch.tensor([[a, b, eos, pad], [b, b, b, b]]), torch.tensor(mask),
+                                              torch.tensor([True, False]))
+    prompts = ["q1", "question 2"]
+    traj = module.rollout(prompt_batch(tok, prompts))
+
+    expected = torch.zeros(2, 4)
+    terminal = [20.0, -1.0]
+    with torch.no_grad():
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            p_ids = tok(prompt)["input_ids"]
+            k1 = (_unpadded_response_logprobs(module.policy.eval(), p_ids, response)
+                  - _unpadded_response_logprobs(initial, p_ids, response))  # (R,)
+            assert k1.abs().min() > 1e-2, k1  # the penalty is not 0 anywhere
+            expected[row, :len(response)] = -0.1 * k1
+            expected[row, len(response) - 1] += terminal[row]
+    torch.testing.assert_close(traj.rewards, expected, rtol=0, atol=1e-4)
+    torch.testing.assert_close(traj.scores, torch.tensor(terminal))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -198,7 +236,7 @@ trainer:
   enable_progress_bar: false
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: 1, save_top_k: -1, dirpath: {root}/ckpt}}
+      init_args: {{every_n_train_steps: 1, save_top_k: -1, dirpath: {root}/ckpt}}{callbacks}
   default_root_dir: {root}
   logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {root}, name: ""}}}}
 model:
@@ -208,18 +246,24 @@ data:
 """
 
 
-def _launch(tmp_path, name, *extra):
+EMA_CALLBACK = """
+    - class_path: recipes.callbacks.ema_reference.EMAReference
+      init_args: {eta: 0.3, update_every_n_steps: 2, start_step: 1}"""
+
+
+def _launch(tmp_path, name, *extra, ema=False):
     root = tmp_path / name
     root.mkdir()
-    (root / "override.yaml").write_text(RESUME_OVERRIDES.format(root=root))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    (root / "override.yaml").write_text(RESUME_OVERRIDES.format(root=root, callbacks=EMA_CALLBACK if ema else ""))
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)  # this checkout first
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     cmd = [sys.executable, "-m", "recipes", "fit", "--config", "yaml/tiny/ppo.yaml", "--config",
            str(root / "override.yaml"), *extra]
     return root, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _ckpts(root):
-    files = list((root / "ckpt").glob("*.ckpt")) if (root / "ckpt").exists() else []
+    files = list((root / "ckpt").glob("*step=*.ckpt")) if (root / "ckpt").exists() else []  # not last.ckpt
     return sorted(files, key=lambda p: int(p.stem.split("step=")[1].split("-")[0]))
 
 
@@ -229,9 +273,14 @@ def _metrics(root):
 
 
 @pytest.mark.slow  # three CLI processes: about 40 s on an idle 2-core machine, minutes under load
-def test_killed_run_resumes_exactly(tmp_path):
-    full_root, full = _launch(tmp_path, "full")
-    killed_root, killed = _launch(tmp_path, "killed")
+@pytest.mark.parametrize("ema", [False, True], ids=["frozen-reference", "ema-reference"])
+def test_killed_run_resumes_exactly(tmp_path, ema):
+    """kill -9 after a few iterations, resume from a complete checkpoint: the final weights (policy, critic and the
+    reference), the running moments and every logged metric equal an uninterrupted run's. With ``EMAReference``
+    (eta 0.3 every 2nd step, so a resume must also restore which step it last updated at) the reference moves, and
+    its averaged weights resume exactly too."""
+    full_root, full = _launch(tmp_path, "full", ema=ema)
+    killed_root, killed = _launch(tmp_path, "killed", ema=ema)
     deadline = time.time() + 300
     while len(_ckpts(killed_root)) < 3 and killed.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -240,7 +289,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     resume_from = _ckpts(killed_root)[-2]  # the newest may be half-written; the one before it is complete
     step = int(resume_from.stem.split("step=")[1])
     assert step < 8, "the run finished before it could be killed"
-    resumed_root, resumed = _launch(tmp_path, "resumed", "--ckpt_path", str(resume_from))
+    resumed_root, resumed = _launch(tmp_path, "resumed", "--ckpt_path", str(resume_from), ema=ema)
     for proc in (full, resumed):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err.decode()[-3000:]
@@ -250,6 +299,12 @@ def test_killed_run_resumes_exactly(tmp_path):
     for key, value in final_full["state_dict"].items():
         torch.testing.assert_close(final_resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
     assert final_full["ppo"]["reward_moments"] == final_resumed["ppo"]["reward_moments"]
+    first = torch.load(_ckpts(full_root)[0], weights_only=False)["state_dict"]
+    moved = [k for k in first if k.startswith("reference.") and not torch.equal(first[k], final_full["state_dict"][k])]
+    assert bool(moved) == ema  # the EMA reference moves between step 1 and step 8; a frozen one does not
+    if ema:
+        ema_state = next(v for k, v in final_resumed["callbacks"].items() if "EMAReference" in k)
+        assert ema_state == {"last_updated_step": 7}  # steps 1, 3, 5, 7
     full_metrics, resumed_metrics = _metrics(full_root), _metrics(resumed_root)
     assert sorted(resumed_metrics) == list(range(step, 8))
     for s in resumed_metrics:

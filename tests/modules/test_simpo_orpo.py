@@ -158,3 +158,28 @@ def test_tiny_simpo_config_learns_with_no_reference(tmp_path):
                     "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)])
     assert cli.model.reference is None
     assert cli.trainer.callback_metrics["val/rewards/accuracies"] >= 0.9
+
+
+def test_simpo_without_length_normalization_and_margin_is_reference_free_dpo():
+    """SimPO with gamma 0 and the sums (the paper's "w/o LN" ablation) is -log sigmoid(beta (s_c - s_r)): DPO with a
+    reference of log-prob 0 for every response. beta 0.5, sums (-2, -6) vs (-4, -3):
+    z = 0.5 * 2 = 1 -> log(1 + e^-1) = 0.3132617; z = 0.5 * -3 = -1.5 -> 1.5 + log(1 + e^-1.5) = 1.7014133;
+    the lengths (1 and 9 tokens) do not matter."""
+    from recipes.modules.losses import DPOLoss
+
+    chosen, rejected = torch.tensor([-2.0, -6.0]), torch.tensor([-4.0, -3.0])
+    losses, _, _ = SimPOLoss(beta=0.5, gamma=0.0, length_normalize=False)(chosen, rejected, torch.tensor([1, 9]),
+                                                                          torch.tensor([9, 1]))
+    torch.testing.assert_close(losses, torch.tensor([0.3132617, 1.7014133]))
+    dpo, _, _ = DPOLoss(beta=0.5)(chosen, rejected, torch.zeros(2), torch.zeros(2))
+    torch.testing.assert_close(losses, dpo)
+
+
+def test_tiny_orpo_config_learns_with_no_reference(tmp_path):
+    """yaml/tiny/orpo.yaml as shipped (200 steps, seeded): held-out val/rewards/accuracies (log-odds of the chosen
+    above the rejected) >= 0.9 (1.0 measured; 0.87 at 100 steps), with no reference model built."""
+    root = tmp_path / "run"
+    cli = cli_main(["fit", "--config", "yaml/tiny/orpo.yaml", "--trainer.enable_progress_bar", "false",
+                    "--trainer.callbacks", "[]", "--trainer.logger", "false", "--trainer.default_root_dir", str(root)])
+    assert cli.model.reference is None
+    assert cli.trainer.callback_metrics["val/rewards/accuracies"] >= 0.9, cli.trainer.callback_metrics

@@ -2,7 +2,9 @@
 
 import importlib
 import json
+import os
 import pkgutil
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +32,9 @@ PACKAGES = ["recipes", "recipes.modules", "recipes.datamodules", "recipes.callba
 def test_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "recipes", "--help"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0
-    for sub in ("fit", "validate", "test", "predict"):
-        assert sub in out.stdout
+    assert "{fit,validate,test,predict,study,evaluate}" in out.stdout  # each one a subcommand, not an epilog
+    for sub in ("fit", "validate", "test", "predict", "study", "evaluate"):
+        assert re.search(rf"^\s+{sub}\s+\S", out.stdout, re.M), sub  # listed with its help line
 
 
 @pytest.mark.parametrize("path", ALL_YAML, ids=str)
@@ -55,12 +58,34 @@ def test_config_path_finds_shipped_yaml():
     assert config_path("tiny/sft.yaml").exists()
 
 
-def test_every_module_imports():
-    """Every module of the one import root imports, sub-packages included (walk_packages recurses into them)."""
+def _modules_on_disk(pkg: str) -> set[str]:
+    """Every module name under ``pkg``'s folders, found by walking the file system (sub-folders included)."""
     names = set()
+    for root in importlib.import_module(pkg).__path__:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            rel = os.path.relpath(folder, root)
+            parts = [pkg] + ([] if rel == "." else rel.split(os.sep))
+            names |= {".".join(parts + [f[:-3]]) if f != "__init__.py" else ".".join(parts)
+                      for f in files if f.endswith(".py")}
+    return names - {pkg}
+
+
+def _raise(name: str) -> None:
+    raise ImportError(f"walk_packages could not import {name}")
+
+
+def test_every_module_imports():
+    """Every module of the one import root imports, sub-packages at every depth included: the modules that
+    walk_packages reaches (told to raise, not skip, when a sub-package fails to import) are exactly the .py files on
+    disk, so a sub-package that is not recursed into, or not a package, fails here."""
+    names, on_disk = set(), set()
     for pkg in PACKAGES:  # a source checkout maps modules/, datamodules/, callbacks/ into recipes from outside it
         mod = importlib.import_module(pkg)
-        names |= {m.name for m in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}.")}
+        names |= {m.name for m in pkgutil.walk_packages(mod.__path__, prefix=f"{pkg}.", onerror=_raise)}
+        on_disk |= _modules_on_disk(pkg)
+    assert on_disk - names == set(), "modules on disk that the walk did not reach"
+    assert {n for n in names if n.count(".") >= 3}, "no sub-sub-package module found"
     for name in sorted(names):
         if not name.endswith("__main__"):
             importlib.import_module(name)

@@ -17,7 +17,7 @@ def serve(sock_fd):
     """Fork server (saves the ~25 ms interpreter launch per job): per request on the SOCK_SEQPACKET ``sock_fd``, whose
     ancillary data carries (spec, stdout, stderr) descriptors, fork an H in a new session and reply with its pid and a
     pidfd. Exits when the parent closes its end. Children stay zombies until the next request so pidfds are exact."""
-    harness._libc_handle()  # import ctypes and load libc once, before any fork
+    harness.preload()  # ctypes, libc and common modules once, before any fork
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:

@@ -50,7 +50,10 @@ def test_modes_report_output_values_and_completion(fork_server):
     script = execute(ExecutionJob("print('hi')"), config)
     stdio = execute(ExecutionJob("print(int(input()) * 2)\nexit()", "stdio", ["3", "5\n"]), config)
     call = execute(ExecutionJob("def f(a, b):\n    return (a + b, [a * b])", "call", [[1, 2], [3, 4]], "f"), config)
+    check = execute(ExecutionJob("def f(a, b):\n    return (a + b, [a * b])", "check",
+                                 ["def check(c):\n    assert c(1, 2) == (3, [2])\n"], "f"), config)
     assert script.all_ok and script.units[0].stdout == "hi\n"
+    assert check.all_ok
     assert stdio.all_ok and [u.stdout for u in stdio.units] == ["6\n", "10\n"]
     assert call.all_ok and [u.value for u in call.units] == [[3, [2]], [7, [12]]]
 
@@ -173,7 +176,7 @@ def test_adversarial_programs_fail_and_leave_the_host_untouched(tmp_path, monkey
     assert results["infinite_loop"].status == "timeout" and results["sleep_past_timeout"].status == "timeout"
     assert results["huge_stdout"].status == "output_limit"
     assert results["os_exit_before_tests"].status == "incomplete"
-    assert results["forge_completion_record"].status == "incomplete"
+    assert results["forge_completion_record"].status == "error"  # fd 3 is where U reads calls: EBADF
     assert (tmp_path / "host.txt").read_text() == "original"
     assert not Path(f"/tmp/sandbox-escape-{marker}").exists()
     with pytest.raises(BlockingIOError):
@@ -208,7 +211,10 @@ def test_degraded_mode_without_namespaces_or_setuid_still_runs_and_reaps(monkeyp
     marker = f"sbx{secrets.token_hex(4)}"
     ok = execute(ExecutionJob("print(input()[::-1])", "stdio", ["abc"]), FAST)
     orphan = execute(ExecutionJob(_DETACH + f"detach('{marker}', True)\ntime.sleep(0.2)\n"), FAST)
+    checked = [execute(ExecutionJob(f"def f(x):\n    return x {op} 1\n", "check",
+                                    ["def check(c):\n    assert c(1) == 2\n"], "f"), FAST).all_ok for op in "+-"]
     assert ok.all_ok and ok.units[0].stdout == "cba\n"
+    assert checked == [True, False]
     assert orphan.all_ok and processes_named(marker) == []
 
 
@@ -221,9 +227,9 @@ def test_execute_many_keeps_order_and_runs_in_parallel():
 def test_default_hidden_folders_include_the_checkouts_parent():
     """The repository's parent (data, canonical solutions, ../shared) stays hidden wherever the sandbox code sits in
     the package: the checkout is found by walking up to pyproject.toml, not by a fixed depth below this file."""
-    from recipes.modules.code import execution
+    from recipes.modules.code import frames
 
     checkout = Path(__file__).resolve().parents[3]  # tests/modules/code/<this file> -> the checkout
     assert (checkout / "pyproject.toml").is_file()
-    assert execution.checkout_root() == checkout
-    assert str(checkout.parent) in execution._default_hidden()
+    assert frames.checkout_root() == checkout
+    assert str(checkout.parent) in frames._default_hidden()

@@ -183,5 +183,5 @@ def test_lease_outside_root_is_not_used(monkeypatch):
     """The lease needs root (it setuid's); an evaluator that is not root never reaches lock_dir()."""
     if os.geteuid() == 0:
         with lease_uid(63478, 1) as lease:
-            assert lease.uid == 63478 and (host.lock_dir() / "63478.lock").read_bytes() == b"held"
-        assert (host.lock_dir() / "63478.lock").read_bytes() == b"clean"
+            assert lease.uid == 63478 and (host.lock_dir() / "63478.lock").read_bytes().rstrip() == b"held"
+        assert (host.lock_dir() / "63478.lock").read_bytes().rstrip() == b"clean"

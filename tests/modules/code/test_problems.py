@@ -93,7 +93,7 @@ def test_eval_command_reports_pass_at_k_per_difficulty(tmp_path):
 
 def test_unknown_task_id_names_the_sample_row():
     problems = {"a": CodeProblem("a", "", "stdio", ("",), ("1",))}
-    with pytest.raises(DataFormatError, match=r"samples.jsonl, row 1, field 'task_id': unknown task 'b'"):
+    with pytest.raises(DataFormatError, match=r"samples.jsonl, row 2, field 'task_id': unknown task 'b'"):
         command.evaluate(problems, [{"task_id": "a", "completion": ""}, {"task_id": "b", "completion": ""}],
                          source="samples.jsonl")
 
