@@ -29,7 +29,8 @@ class HFExport(Callback):
         dirpath: output folder; default ``<trainer.log_dir or default_root_dir>/hf``.
         merge_lora: merge LoRA adapters into the base weights (``False``: save the adapter folder).
         link_latest: point ``<default_root_dir>/hf`` at the export (a relative symlink, replaced by each fit; a real
-            folder there is left alone, with a warning).
+            folder there is left alone, with a warning). Only for the default folder: an export to a ``dirpath`` you
+            chose is left where you said (and a link never points at another callback's folder).
     """
 
     def __init__(self, dirpath: str | None = None, merge_lora: bool = True, link_latest: bool = True) -> None:
@@ -53,17 +54,21 @@ class HFExport(Callback):
         if not hasattr(pl_module, "export_pretrained"):
             raise TypeError(f"{type(pl_module).__name__} has no export_pretrained(path) method to export with.")
         path = trainer.strategy.broadcast(self.resolve_path(trainer))
+        if trainer.is_global_zero and os.path.islink(path):  # an older run's newest-export link: write a folder
+            os.unlink(path)  # there, not through the link into that run's export
+        trainer.strategy.barrier("hf_export_path")
         self.exported_to = pl_module.export_pretrained(path, merge_lora=self.merge_lora,
                                                        is_writer=trainer.is_global_zero)
-        if self.link_latest and trainer.is_global_zero:
+        if self.link_latest and self.dirpath is None and trainer.is_global_zero:
             self.link(self.exported_to, self.latest_path(trainer))
         trainer.strategy.barrier("hf_export")
 
     @staticmethod
     def link(target: str, link: str) -> None:
         """Make ``link`` a relative symlink to ``target``, atomically replacing an older link; leave a real folder."""
-        if os.path.realpath(target) == os.path.realpath(link) and not os.path.islink(link):
-            return  # the export is the folder itself (dirpath or log_dir is default_root_dir)
+        if os.path.abspath(target) == os.path.abspath(link) or (
+                os.path.realpath(target) == os.path.realpath(link) and not os.path.islink(link)):
+            return  # the export is the folder itself (log_dir is default_root_dir): a link would point at itself
         if os.path.exists(link) and not os.path.islink(link):
             log.warning("HFExport: %s is a folder, not a link, so it still holds an older export; the new one is %s "
                         "(remove the folder to have %s follow the newest export)", link, target, link)

@@ -87,9 +87,9 @@ def export_checkpoint(config: str, ckpt_path: str, out: str, merge_lora: bool = 
         os.unlink(f.name)
     module = cli.model
     module.configure_model()
-    for callback in cli.trainer.callbacks:  # EMAReference re-adds its LoRA adapter, which the checkpoint holds
-        if type(callback).__name__ == "EMAReference":
-            callback.setup(cli.trainer, module, "fit")
+    for callback in cli.trainer.callbacks:  # EMAReference and DPOIterRound re-add the LoRA reference adapter that
+        if type(callback).__name__ in ("EMAReference", "DPOIterRound"):  # the checkpoint holds (at load time)
+            callback.setup(cli.trainer, module, "export")  # not "fit": no training wiring is checked
     module.load_state_dict(load_module_state(ckpt_path))
     out = module.export_pretrained(out, merge_lora=merge_lora)
     with open(config, encoding="utf-8") as f:  # the card of a module without its trainer: no final metrics

@@ -55,3 +55,30 @@ def test_export_into_the_run_folder_itself_needs_no_link(tmp_path):
 def test_fast_dev_run_exports_nothing(tmp_path):
     export = _fit(tmp_path, fast_dev_run=1)
     assert export.exported_to is None and not (tmp_path / "hf").exists()
+
+
+def test_an_explicit_dirpath_is_never_linked_nor_written_through_a_link(tmp_path):
+    """Two exports in one fit (an adapter folder elsewhere, the merged model at <root>/hf, as the FSDP2 LoRA test
+    does): no link is made, <root>/hf is a real folder holding the merged model, and an older run's link at that
+    path is replaced by a folder instead of being written through."""
+    import json
+    import os
+
+    from recipes.__main__ import cli_main
+
+    root = tmp_path / "run"
+    old = tmp_path / "older_export"
+    old.mkdir()
+    root.mkdir()
+    os.symlink(old, root / "hf")  # as a previous fit's HFExport leaves it
+    cli_main(["fit", "--config", "yaml/tiny/sft.yaml", "--trainer.max_steps", "1", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+              "--trainer.limit_val_batches", "0", "--trainer.default_root_dir", str(root),
+              "--model.init_args.model.lora", json.dumps({"r": 2, "alpha": 4, "dropout": 0.0}),
+              "--trainer.callbacks", json.dumps([
+                  {"class_path": "recipes.callbacks.hf_export.HFExport",
+                   "init_args": {"dirpath": str(tmp_path / "adapter"), "merge_lora": False}},
+                  {"class_path": "recipes.callbacks.hf_export.HFExport", "init_args": {"dirpath": str(root / "hf")}}])])
+    assert not os.path.islink(root / "hf") and (root / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "adapter" / "model.safetensors").exists() and not any(old.iterdir())

@@ -81,3 +81,20 @@ def test_the_reference_scores_a_token_outside_its_own_set_finitely(byte_tokenize
     row, token = ref_logits[b, t], ids[b, P + t]
     expected = row[token] - torch.logsumexp(torch.cat([row.topk(3).values, row[token, None]]), 0)
     torch.testing.assert_close(ref[b, t], expected)
+
+
+def test_ppo_module_logs_ratio_one_on_its_first_minibatch_with_filters_on(byte_tokenizer):
+    """Through PPOModule and a Trainer: top-k 5 and top-p 0.9 at temperature 0.8, one epoch of one minibatch (so the
+    only update is the first): the logged approx KL and clip fraction are exactly 0 (the ratio is exactly 1)."""
+    from recipes.datamodules.prompts import PromptDataModule
+    from recipes.modules.ppo import PPOModule
+    from recipes.modules.reward_functions import CharacterFractionReward
+    from tests.conftest import quiet_trainer
+
+    torch.set_num_threads(1)
+    module = PPOModule(model=ModelSpec(config=dict(TINY_LLAMA)), critic=ModelSpec(config=dict(TINY_LLAMA)),
+                       reward=CharacterFractionReward(),
+                       tokenizer=byte_tokenizer, max_new_tokens=6, temperature=0.8, top_k=5, top_p=0.9, ppo_epochs=1)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(module, PromptDataModule(rollout_batch_size=4, max_length=64))
+    assert trainer.callback_metrics["ppo/approx_kl"] == 0 and trainer.callback_metrics["ppo/clipfrac"] == 0
