@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: the tiny Llama of the DPO/PPO benchmarks, peak-RSS measurement in child processes."""
+"""Shared benchmark helpers: the tiny Llama of the DPO/PPO/SFT benchmarks, the floors' gathered-head log-probs, peak-RSS
+measurement in child processes and the ratio line."""
 
 from __future__ import annotations
 
@@ -23,8 +24,53 @@ BENCH_LLAMA = {  # the issues' benchmark model: hidden 256, 4 layers, 4 heads, i
 }
 
 
-def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
+def hidden_at(model: Any, input_ids: Any, attention_mask: Any, targets: Any) -> Any:
+    """The base model's last hidden states at the positions that predict the tokens marked in ``targets``
+    (position ``t - 1`` predicts token ``t``), row-major. ``model`` is a transformers ``*ForCausalLM`` or
+    ``*ForSequenceClassification`` (``.model`` is its backbone); positions ignore left padding.
+
+    Shapes: ``input_ids``, ``attention_mask``, ``targets`` (bool) ``(B, T)``; the result ``(N, H)``, N marked tokens
+    (``targets[:, 0]`` is never predicted and must be False)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=False).last_hidden_state  # (B, T, H)
+    return hidden[:, :-1][targets[:, 1:]]  # (N, H)
+
+
+def gathered_logprobs(model: Any, input_ids: Any, attention_mask: Any, targets: Any,
+                      with_entropy: bool = False) -> tuple[Any, Any]:
+    """Log-probs of the tokens marked in ``targets``, the LM head applied only at the positions that predict them:
+    ``lm_head(hidden_at(...))``, then ``logit_y - logsumexp``. Returns ``(logprobs, entropy)``, each ``(N,)`` float32,
+    row-major (``entropy`` of each predicting distribution, without grad; None unless ``with_entropy``)."""
     import torch
+
+    logits = model.lm_head(hidden_at(model, input_ids, attention_mask, targets)).float()  # (N, V)
+    labels = input_ids[:, 1:][targets[:, 1:]]  # (N,)
+    lse = torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = lse - (logits.softmax(-1) * logits).sum(-1)  # H = logsumexp - E_p[logit]
+    return logprobs, entropy
+
+
+def row_sums(token_values: Any, targets: Any) -> Any:
+    """Per-row sums of row-major token values ``(N,)`` over the ``targets`` mask ``(B, T)`` (its column 0 unused)."""
+    import torch
+
+    rows = targets[:, 1:].nonzero()[:, 0]
+    return torch.zeros(targets.shape[0], dtype=token_values.dtype).index_add_(0, rows, token_values)  # (B,)
+
+
+def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
+    import lightning  # noqa: F401  imported before the baseline by both sides: ~200 MB of RSS that is no training's
+    import torch
+    import transformers  # noqa: F401
+
+    import recipes.modules.dpo  # noqa: F401
+    import recipes.modules.ppo  # noqa: F401
+    import recipes.modules.sft  # noqa: F401
 
     torch.set_num_threads(2)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -35,7 +81,8 @@ def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
 
 def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
     """Run ``fn(*args)`` in a fresh process so its peak memory is its own; returns fn's dict plus ``peak_rss_mb``
-    (growth of the child's peak resident set over its state after imports)."""
+    (growth of the child's peak resident set over its state after importing torch, transformers, lightning and the
+    project's DPO/PPO/SFT modules, so that neither side is charged for imports the other does not make)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
@@ -43,6 +90,12 @@ def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
     out = json.loads(queue.get())
     proc.join()
     return out
+
+
+def loadavg() -> str:
+    """The 1-, 5- and 15-minute load averages (the machine is shared: print them before and after a run)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def ratio_line(name: str, value: float, floor: float, unit: str) -> str:

@@ -1,16 +1,19 @@
 """One epoch of DPOModule under a Lightning Trainer against a bare-PyTorch DPO loop on the same model and batches,
 for the frozen-copy and the precomputed reference, plus the cost of each piece of a step.
 
-    python benchmarks/dpo_step.py [--pairs 512] [--batch 8] [--repeats 1] [--pass-only]
+    python benchmarks/dpo_step.py [--pairs 512] [--batch 8] [--repeats 1] [--rectangle] [--pass-only]
 
-Workload (issue #4): the benchmark Llama (hidden 256, 4 layers, vocab 4096), random pairs with prompts of 48-80
-tokens and responses of 64-128, batch 8, beta 0.1, AdamW at 1e-6, 2 threads. The floor computes completion-only
-log-probs too (logits only from the first response column, log_softmax + gather); its precomputed pass is one no-grad
-forward per training batch. Each run is its own process so peak memory is its own. Prints seconds per step, epoch
-time (the precomputed mode's one-off reference pass included, and again with the pass's cache already on disk) and
-peak-memory growth, with their ratios (aims: <= 1.10x the floor; precomputed <= 0.6x the frozen copy's time), and
-the lower bound on the per-step ratio precomputed / frozen = (fwd+bwd+opt) / (fwd+bwd+opt+ref_fwd) that the
-measured pieces imply: dropping the reference forward cannot do better.
+Workload (issues #4, #19): the benchmark Llama (hidden 256, 4 layers, vocab 4096), random pairs with prompts of 48-80
+tokens and responses of 64-128, batch 8, beta 0.1, AdamW at 1e-6, 2 threads. The floor (issue #19) applies the LM
+head only where the loss reads it: the base model's hidden states gathered at the positions that predict a completion
+token, then ``lm_head``, then ``logit_y - logsumexp`` (`benchmarks.common.gathered_logprobs`); its precomputed pass is
+one no-grad forward per training batch. ``--rectangle`` adds the older floor (logits of every row from the batch's
+first response column on, ``logits_to_keep``) as a second line. Each run is its own process so peak memory is its own.
+Prints seconds per step, epoch time (the precomputed mode's one-off reference pass included, and again with the pass's
+cache already on disk) and peak-memory growth, with their ratios (issue #19's aims: frozen copy <= 1.05x the floor's
+epoch, peak memory <= 1.0x; precomputed with the cache on disk <= 0.75x the frozen-copy floor's epoch), and the lower
+bound on the per-step ratio precomputed / frozen = (fwd+bwd+opt) / (fwd+bwd+opt+ref_fwd) that the measured pieces
+imply: dropping the reference forward cannot do better.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import BENCH_LLAMA, ratio_line, run_isolated  # noqa: E402
+from benchmarks.common import BENCH_LLAMA, gathered_logprobs, loadavg, ratio_line, row_sums, run_isolated  # noqa: E402
 
 MAX_LENGTH = 80 + 128
 
@@ -45,7 +48,22 @@ def batches_in_trainer_order(pairs: list[dict], batch: int) -> list[dict]:
     return [collate_preference([pairs[i] for i in order[s:s + batch]], 0) for s in range(0, len(order), batch)]
 
 
-def bare(mode: str, n_pairs: int, batch: int) -> dict:
+def floor_logps(model, b: dict, head: str = "gathered"):
+    """The floor's summed completion log-probs of each row, ``(2B,)``: the LM head at the gathered positions that
+    predict a completion token (``gathered``), or at every row's positions from the first response column on
+    (``rectangle``, ``logits_to_keep``)."""
+    if head == "gathered":
+        targets = b["completion_mask"].bool()
+        return row_sums(gathered_logprobs(model, b["input_ids"], b["attention_mask"], targets)[0], targets)
+    first = max(1, int(b["completion_mask"].any(0).nonzero()[0]))
+    keep = b["input_ids"].shape[1] - first + 1
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep,
+                   use_cache=False).logits[:, :-1].float()
+    token = logits.log_softmax(-1).gather(-1, b["input_ids"][:, first:, None]).squeeze(-1)
+    return (token * b["completion_mask"][:, first:]).sum(-1)  # (2B,)
+
+
+def bare(mode: str, n_pairs: int, batch: int, head: str = "gathered") -> dict:
     import copy
 
     import torch
@@ -53,12 +71,7 @@ def bare(mode: str, n_pairs: int, batch: int) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     def logps(model, b):
-        first = max(1, int(b["completion_mask"].any(0).nonzero()[0]))
-        keep = b["input_ids"].shape[1] - first + 1
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], logits_to_keep=keep,
-                       use_cache=False).logits[:, :-1].float()
-        token = logits.log_softmax(-1).gather(-1, b["input_ids"][:, first:, None]).squeeze(-1)
-        return (token * b["completion_mask"][:, first:]).sum(-1)  # (2B,)
+        return floor_logps(model, b, head)
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(**BENCH_LLAMA))
@@ -88,18 +101,15 @@ def bare(mode: str, n_pairs: int, batch: int) -> dict:
 
 
 def pieces(n_pairs: int, batch: int) -> dict:
-    """Seconds per batch of each piece of a step, bare PyTorch, on the same batches: the reference forward (no
-    grad), the policy's forward + backward, the optimizer step (batches from the 4th on)."""
+    """Seconds per batch of each piece of a step, bare PyTorch (the gathered head), on the same batches: the
+    reference forward (no grad), the policy's forward + backward, the optimizer step (batches from the 4th on)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
     torch.manual_seed(0)
     policy = AutoModelForCausalLM.from_config(AutoConfig.for_model(**BENCH_LLAMA))
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-6, weight_decay=0.0)
-    logps = lambda b: sequence_logprobs(*completion_logprobs(policy, b["input_ids"], b["attention_mask"],
-                                                             b["completion_mask"]))
+    logps = lambda b: floor_logps(policy, b)  # noqa: E731
     totals = {"ref_fwd": 0.0, "fwd_bwd": 0.0, "opt": 0.0}
     batches = batches_in_trainer_order(make_pairs(n_pairs), batch)
     for i, b in enumerate(batches):
@@ -119,8 +129,8 @@ def pieces(n_pairs: int, batch: int) -> dict:
 
 
 def pass_compare(n_pairs: int, batch: int, repeats: int) -> dict:
-    """The reference pass alone, interleaved on one model: the floor's (training order, batches of ``batch``, logits
-    from the first response column) against ``DPOModule.precompute_reference`` (no cache). Median seconds of each."""
+    """The reference pass alone, interleaved on one model: the floor's (training order, batches of ``batch``, the
+    gathered head) against ``DPOModule.precompute_reference`` (no cache). Median seconds of each."""
     import statistics
 
     import torch
@@ -128,7 +138,6 @@ def pass_compare(n_pairs: int, batch: int, repeats: int) -> dict:
     from recipes.datamodules.preference import PreferenceDataModule
     from recipes.modules.dpo import DPOModule
     from recipes.modules.models import ModelSpec
-    from recipes.modules.policy import completion_logprobs, sequence_logprobs
 
     torch.manual_seed(0)
     module = DPOModule(model=ModelSpec(config=dict(BENCH_LLAMA)), reference_mode="precomputed", cache_reference=False,
@@ -142,7 +151,7 @@ def pass_compare(n_pairs: int, batch: int, repeats: int) -> dict:
     @torch.no_grad()
     def floor_pass() -> None:
         for b in batches:
-            sequence_logprobs(*completion_logprobs(policy, b["input_ids"], b["attention_mask"], b["completion_mask"]))
+            floor_logps(policy, b)
 
     def ours_pass() -> None:
         module.reference.tables = {}
@@ -184,7 +193,8 @@ def lightning_run(mode: str, n_pairs: int, batch: int, cache_dir: str | None = N
     data = PreferenceDataModule(tokenizer="builtin:byte", max_length=MAX_LENGTH, batch_size=batch)
     data.train_set, data.val_set = make_pairs(n_pairs), []
     module = DPOModule(model=ModelSpec(config=dict(BENCH_LLAMA)), loss=DPOLoss(beta=0.1), reference_mode=mode,
-                       cache_reference=cache_dir is not None, reference_cache_dir=cache_dir, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0))
+                       cache_reference=cache_dir is not None, reference_cache_dir=cache_dir,
+                       optimizer=lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0))
     timer, pass_s = Timer(), []
     precompute = getattr(module.reference, "compute", None)  # a PrecomputedTable's pass (None: frozen copy)
 
@@ -216,6 +226,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=512, help="pairs in the epoch (512 is the issue's workload)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--rectangle", action="store_true", help="also run the logits_to_keep-rectangle floor "
+                        "(frozen copy), the floor before issue #19")
     parser.add_argument("--pass-only", action="store_true", help="time only the reference pass, floor's vs ours, "
                         "interleaved on one model (median of --repeats)")
     args = parser.parse_args()
@@ -226,25 +238,39 @@ def main() -> None:
         print(ratio_line("  reference pass", r["ours_pass_s"], r["floor_pass_s"], "s"))
         return
     runs: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):  # interleaved, keeping each one's best run, so background load hits all alike
+    print(f"load average before: {loadavg()}")
+    for repeat in range(args.repeats):  # interleaved, keeping each one's best run, so background load hits all alike
         with tempfile.TemporaryDirectory() as cache:  # a fresh cache: the first precomputed run fills it
-            for name, fn, fn_args in (("floor frozen_copy", bare, ("frozen_copy", n, b)),
-                                      ("ours frozen_copy", lightning_run, ("frozen_copy", n, b)),
-                                      ("floor precomputed", bare, ("precomputed", n, b)),
-                                      ("ours precomputed", lightning_run, ("precomputed", n, b, cache)),
-                                      ("ours precomputed warm", lightning_run, ("precomputed", n, b, cache)),
-                                      ("pieces", pieces, (n, b))):
-                runs.setdefault(name, []).append(run_isolated(fn, *fn_args))
+            groups = [[("floor frozen_copy", bare, ("frozen_copy", n, b))],
+                      [("ours frozen_copy", lightning_run, ("frozen_copy", n, b))],
+                      [("floor precomputed", bare, ("precomputed", n, b))],
+                      [("ours precomputed", lightning_run, ("precomputed", n, b, cache)),  # fills the cache
+                       ("ours precomputed warm", lightning_run, ("precomputed", n, b, cache))],
+                      [("pieces", pieces, (n, b))]]
+            if args.rectangle:
+                groups.insert(1, [("floor frozen_copy rectangle", bare, ("frozen_copy", n, b, "rectangle"))])
+            for group in (groups if repeat % 2 == 0 else groups[::-1]):  # odd repeats in the reverse order
+                for name, fn, fn_args in group:
+                    runs.setdefault(name, []).append(run_isolated(fn, *fn_args))
+    print(f"load average after: {loadavg()}")
     r = {name: best(values) for name, values in runs.items()}
     print(f"DPO epoch, tiny Llama (hidden 256, 4 layers, vocab 4096), {n} pairs, batch {b}, "
-          f"prompts 48-80 + responses 64-128 tokens, 2 threads, best of {args.repeats}")
+          f"prompts 48-80 + responses 64-128 tokens, 2 threads, best of {args.repeats}; floor: gathered head")
     for mode in ("frozen_copy", "precomputed"):
         floor, ours = r[f"floor {mode}"], r[f"ours {mode}"]
         print(f"[{mode}]")
         print(ratio_line("  time per step", ours["s_per_step"], floor["s_per_step"], "s"))
         print(ratio_line("  epoch time", ours["epoch_s"], floor["epoch_s"], "s"))
         print(ratio_line("  peak memory growth", ours["peak_rss_mb"], floor["peak_rss_mb"], "MB"))
+    if args.rectangle:
+        rect = r["floor frozen_copy rectangle"]
+        print("[frozen_copy against the logits_to_keep-rectangle floor]")
+        print(ratio_line("  epoch time", r["ours frozen_copy"]["epoch_s"], rect["epoch_s"], "s"))
+        print(ratio_line("  gathered floor / rectangle", r["floor frozen_copy"]["epoch_s"], rect["epoch_s"], "s"))
     frozen, pre, warm = r["ours frozen_copy"], r["ours precomputed"], r["ours precomputed warm"]
+    print("[ours precomputed against the frozen-copy floor's epoch (aim with the cache on disk: <= 0.75x)]")
+    print(ratio_line("  epoch time (pass incl.)", pre["epoch_s"], r["floor frozen_copy"]["epoch_s"], "s"))
+    print(ratio_line("  epoch time (warm cache)", warm["epoch_s"], r["floor frozen_copy"]["epoch_s"], "s"))
     print(f"[precomputed vs frozen copy, ours; reference pass {pre['pass_s']:.1f} s cold (floor's pass "
           f"{r['floor precomputed']['pass_s']:.1f} s), {warm['pass_s']:.1f} s with the cache on disk]")
     print(ratio_line("  time per step", pre["s_per_step"], frozen["s_per_step"], "s"))

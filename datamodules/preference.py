@@ -62,6 +62,8 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_prompt_mismatch: drop HH pairs whose two dialogues differ before the last assistant turn, with a count;
             by default an error naming the row.
         margin_field: a numeric column holding a per-pair reward margin, passed to the reward loss.
+        group_by_length: batch pairs of similar length (prompt + longer response) together to pad less
+            (`recipes.datamodules.sampler.ResumableSampler`); off by default, as it changes the order.
 
     Identical chosen and rejected responses (as text, or after truncation) carry no preference: they are always
     dropped and counted.
@@ -88,12 +90,14 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
         margin_field: str | None = None,
         seed: int = 0,
         chat_template: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.sources = check_sources("PreferenceDataModule", data, get_args(PreferenceFormat))
         data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.group_by_length = group_by_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         if not 0 < self.max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
@@ -221,6 +225,14 @@ class PreferenceDataModule(SplitLoadersMixin, L.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[PreferenceExample]) -> dict[str, torch.Tensor]:
         return collate_preference(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: PreferenceExample) -> int:
+        return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+    def batch_cells(self, examples: Sequence[PreferenceExample]) -> tuple[int, int]:
+        """Two rows (chosen, rejected) per pair, as wide as the longest sequence of the batch."""
+        tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
+        return tokens, 2 * len(examples) * max(self.example_length(e) for e in examples)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split, as in validation (set ``val_data`` to a separate test file to evaluate on it)."""

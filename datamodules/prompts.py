@@ -129,6 +129,8 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
         val_split: the split of ``val_data`` (None: ``split``).
         val_rows: use only the first ``val_rows`` held-out prompts.
         chat_template: a Jinja chat template (a file's path or its text) for the tokenizer; None: its own.
+        group_by_length: put prompts of similar length in the same rollout, so the left-padded generation pads less
+            (`recipes.datamodules.sampler.ResumableSampler`); off by default, as it changes the order.
     """
 
     def __init__(
@@ -150,12 +152,13 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
         val_split: str | None = None,
         val_rows: int | None = None,
         chat_template: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.sources = check_sources("PromptDataModule", data, get_args(PromptSource))
         data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
-        self.max_length = max_length
+        self.max_length, self.group_by_length = max_length, group_by_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         check_loader_args("PromptDataModule", "rollout_batch_size", rollout_batch_size, num_workers, max_rows)
         at_least("PromptDataModule", "max_prompt_length", self.max_prompt_length, 1, "Raise max_prompt_length (or "
@@ -239,6 +242,9 @@ class PromptDataModule(ResumableLoaderMixin, L.LightningDataModule):
         return self.resumable_loader(self.train_set, partial(pad_prompts, pad_token_id=self.tokenizer.pad_token_id),
                                      batch_size=self.hparams.rollout_batch_size, seed=self.hparams.seed,
                                      num_workers=self.hparams.num_workers, drop_last=True)
+
+    def example_length(self, example: dict[str, Any]) -> int:
+        return len(example["input_ids"])
 
     def held_out_loader(self) -> DataLoader:
         """The held-out prompts in order, ``rollout_batch_size`` at a time: the ``val_dataloader`` when ``val_data``

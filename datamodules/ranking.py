@@ -144,6 +144,8 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
         max_rows: read only the first ``max_rows`` rows (logged).
         drop_empty: drop rows with an empty text field, counted; by default an error naming the row.
         drop_prompt_mismatch: drop HH pairs whose two dialogues differ before the last assistant turn, counted.
+        group_by_length: batch prompts of similar length (prompt + longest response) together to pad less
+            (`recipes.datamodules.sampler.ResumableSampler`); off by default, as it changes the order.
     """
 
     def __init__(self, tokenizer: str = "builtin:byte", data: str | list[DataSource] = BUILTIN_RANKING,
@@ -151,12 +153,13 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
                  split: str = "train", val_data: str | None = None, val_split: str = "train",
                  val_fraction: float = 0.05, max_length: int = 512, max_prompt_length: int | None = None,
                  batch_size: int = 8, num_workers: int = 0, max_rows: int | None = None, drop_empty: bool = False,
-                 drop_prompt_mismatch: bool = False, seed: int = 0) -> None:
+                 drop_prompt_mismatch: bool = False, seed: int = 0, group_by_length: bool = False) -> None:
         super().__init__()
         self.sources = check_sources("RankingDataModule", data, get_args(RankingFormat))
         data = as_plain(data, self.sources)  # saved below: plain dicts in the checkpoint
         self.save_hyperparameters()
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.group_by_length = group_by_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         if not 0 < self.max_prompt_length < max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be in (0, max_length={max_length}).")
@@ -243,6 +246,15 @@ class RankingDataModule(SplitLoadersMixin, L.LightningDataModule):
 
     def collate(self, examples: Sequence[RankingExample]) -> dict[str, torch.Tensor]:
         return collate_ranking(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: RankingExample) -> int:
+        return len(example["prompt_ids"]) + max(len(r) for r in example["response_ids"])
+
+    def batch_cells(self, examples: Sequence[RankingExample]) -> tuple[int, int]:
+        """``(B, k, T)`` cells: k the batch's most responses, T its longest sequence."""
+        tokens = sum(len(e["prompt_ids"]) + len(r) for e in examples for r in e["response_ids"])
+        k = max(len(e["response_ids"]) for e in examples)
+        return tokens, len(examples) * k * max(self.example_length(e) for e in examples)
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""

@@ -94,6 +94,8 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_empty: drop rows with an empty required field (``hh_chosen``: an empty final assistant response) and
             log the count (real Alpaca has two such rows, the real HH-RLHF harmless-base test split four); by default
             such a row is an error naming the file, row and field.
+        group_by_length: batch examples of similar length together (megabatches sorted by length,
+            `recipes.datamodules.sampler.ResumableSampler`) to pad less; off by default, as it changes the order.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_empty: bool = False,
         seed: int = 0,
         chat_template: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.sources = check_sources("SFTDataModule", data, get_args(SourceFormat))
@@ -126,6 +129,7 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         set_chat_template(self.tokenizer, chat_template)
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.group_by_length = group_by_length
         self.counts: dict[str, int] = {}  # rows dropped or truncated, by reason and source (also logged)
         self.train_set: list[TokenizedExample] = []
         self.val_set: list[TokenizedExample] = []
@@ -181,7 +185,19 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
             out.append(TokenizedExample(prompt_ids=p_ids, response_ids=r_ids))
         counter.report(len(out))
         self.counts.update({f"{source}: {reason}": n for reason, n in counter.items()})
+        self._check_some_complete(source, counter, len(out),
+                                  "had the response truncated from the right (no EOS learned)")
         return out
+
+    def _check_some_complete(self, source: str, counter: DropCounter, n: int, reason: str) -> None:
+        """A budget that cuts every response teaches no example where to stop: an error with the counts, not a
+        warning (the run would train a model that never emits EOS)."""
+        if n and dict(counter.items()).get(reason, 0) == n:
+            raise DataFormatError(source, None, None,
+                                  f"has every one of its {n} rows cut by max_length={self.max_length} tokens "
+                                  f"(max_prompt_length={self.max_prompt_length}): {dict(counter.items())}",
+                                  "raise data.max_length (or lower max_prompt_length) so that at least some "
+                                  "responses keep their EOS")
 
     def _conversations(self, records: list[dict[str, Any]], path: str) -> list[TokenizedExample]:
         """``messages`` rows -> examples whose prompt is the conversation before its first answer and whose response
@@ -221,6 +237,8 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
         self.counts.update({f"{path}: {reason}": n for c in (dropped, counter) for reason, n in c.items()})
         if not out:
             raise DataFormatError(path, None, None, "has no usable rows after dropping empty ones")
+        self._check_some_complete(path, counter, len(out),
+                                  "had the conversation truncated from the right (its last EOS not learned)")
         return out
 
     def setup(self, stage: str) -> None:
@@ -245,6 +263,9 @@ class SFTDataModule(SplitLoadersMixin, L.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------------------------
     def collate(self, examples: list[TokenizedExample]) -> CausalLMBatch:
         return pad_prompt_response(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: TokenizedExample) -> int:
+        return len(example["prompt_ids"]) + len(example["response_ids"])
 
     def test_dataloader(self) -> DataLoader:
         """The held-out split (set ``val_data`` to a separate test file to evaluate on it)."""

@@ -92,6 +92,8 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_prompt_mismatch: ``hh`` and ``messages``: drop pairs whose dialogues differ before the last assistant
             turn, counted.
         chat_template: a Jinja chat template (a file's path or its text) for the tokenizer; None: its own.
+        group_by_length: batch rows of similar length together to pad less (`recipes.datamodules.sampler.
+            ResumableSampler`); off by default, as it changes the order (and so the mismatched KL pairs).
 
     A converted pair with identical chosen and rejected texts labels one completion both ways: it is dropped and
     counted.
@@ -116,6 +118,7 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
         drop_prompt_mismatch: bool = False,
         seed: int = 0,
         chat_template: str | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.sources = check_sources("UnpairedDataModule", data, get_args(UnpairedFormat))
@@ -125,6 +128,7 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
             raise ValueError(f"UnpairedDataModule: source_format={source_format!r} is not one of "
                              f"{', '.join(get_args(UnpairedFormat))}.")
         self.max_length, self.batch_size, self.num_workers, self.seed = max_length, batch_size, num_workers, seed
+        self.group_by_length = group_by_length
         self.max_prompt_length = max_prompt_length if max_prompt_length is not None else max_length // 2
         check_loader_args("UnpairedDataModule", "batch_size", batch_size, num_workers, max_rows)
         at_least("UnpairedDataModule", "batch_size", batch_size, 2, "KTO's reference point pairs each prompt with "
@@ -222,6 +226,16 @@ class UnpairedDataModule(SplitLoadersMixin, L.LightningDataModule):
     # --- loaders ----------------------------------------------------------------------------------------------
     def collate(self, examples: Sequence[UnpairedExample]) -> dict[str, torch.Tensor]:
         return collate_unpaired(examples, self.tokenizer.pad_token_id)
+
+    def example_length(self, example: UnpairedExample) -> int:
+        return len(example["prompt_ids"]) + len(example["completion_ids"])
+
+    def batch_cells(self, examples: Sequence[UnpairedExample]) -> tuple[int, int]:
+        """The rows and the mismatched KL rows (row ``i``'s prompt, row ``i + 1``'s completion), each padded apart."""
+        n, tokens = len(examples), sum(self.example_length(e) for e in examples)
+        kl_width = max(len(e["prompt_ids"]) + len(examples[(i + 1) % n]["completion_ids"])
+                       for i, e in enumerate(examples))
+        return 2 * tokens, n * (max(self.example_length(e) for e in examples) + kl_width)
 
     def train_dataloader(self) -> DataLoader:
         """The resumable shuffled loader; a last batch of one row (which has no mismatched completion) is left out."""

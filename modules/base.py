@@ -4,6 +4,7 @@ factories, hyperparameters, the epoch-end metric logging, the Hugging Face expor
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any
 
@@ -109,6 +110,13 @@ class AlignmentModule(ReadsOldCheckpoints, L.LightningModule):
         """Refuse to write non-finite weights, so a checkpoint callback never replaces a good file with a bad one."""
         if self.guard_non_finite:
             check_weights(self)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's padding fraction as ``data/padding_fraction`` where the data module measures it
+        (`recipes.datamodules.resumable.ResumableLoaderMixin`: padded cells over all cells of its batches)."""
+        fraction = getattr(getattr(self._trainer, "datamodule", None), "padding_fraction", None)
+        if fraction is not None and math.isfinite(fraction):  # NaN until a training epoch was iterated
+            self.log("data/padding_fraction", float(fraction))
 
     # --- validation and test ----------------------------------------------------------------------------------
     def epoch_metrics(self) -> dict[str, tuple[Metric, bool]]:

@@ -14,12 +14,12 @@ from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.advantages import AdvantageEstimator, GroupNormalizedAdvantage
 from recipes.modules.distributed import all_reduce_sum, world_size
-from recipes.modules.generation import response_logprobs
 from recipes.modules.guards import check_advantages, check_gradients, check_loss
 from recipes.modules.models import ModelSpec
 from recipes.modules.on_policy import OnPolicyModule
 from recipes.modules.optim import adamw, build_optimization
 from recipes.modules.policy_losses import GRPOLoss
+from recipes.modules.response_logprobs import response_logprobs
 from recipes.modules.rl_utils import LossAggregation, aggregation_weights, kl_estimate, masked_mean
 from recipes.modules.rollout import rollout_forwards
 from recipes.modules.sharding import fsdp2_param_dtype, fsdp2_shard
@@ -160,7 +160,7 @@ class GRPOModule(OnPolicyModule):
         """One optimizer step on a minibatch, accumulated over micro-batches: each adds ``sum(w * loss_t)`` over
         the ``units`` of the whole minibatch on every rank (`aggregation_weights`), times ``world_size`` because data
         parallelism averages gradients; the metrics are token means over every rank's tokens."""
-        hp, P, (opt,) = self.hparams, mb.prompt_length, opts
+        hp, (opt,) = self.hparams, opts
         units = all_reduce_sum(aggregation_weights(mb.response_mask, hp.loss_aggregation, hp.max_new_tokens)[1])
         tokens = all_reduce_sum(mb.response_mask.sum()).clamp(min=1)
         opt.zero_grad()
@@ -169,9 +169,9 @@ class GRPOModule(OnPolicyModule):
         for i in range(0, rows, size := hp.micro_batch_size or rows):
             if engine is not None:  # several backwards, one step: DeepSpeed accumulates only if told where it ends
                 engine.set_gradient_accumulation_boundary(i + size >= rows)
-            micro = mb.select(slice(i, i + size))
+            micro = mb.select(slice(i, i + size)).trimmed()  # no all-padding column reaches the forwards
             mask = micro.response_mask
-            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P,
+            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, micro.prompt_length,
                                             temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
             old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()  # the one update
             out = self.policy_loss(logprobs, old, micro.advantages, mask, micro.ref_logprobs)

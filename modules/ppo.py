@@ -13,7 +13,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from recipes.modules.distributed import all_reduce_sum, global_masked_whiten, world_size
-from recipes.modules.generation import response_logprobs, response_values
 from recipes.modules.guards import check_advantages, check_gradients, check_loss
 from recipes.modules.kl_control import AdaptiveKLController
 from recipes.modules.models import ModelSpec
@@ -21,6 +20,7 @@ from recipes.modules.on_policy import OnPolicyModule
 from recipes.modules.optim import actor_critic_optimization, adamw
 from recipes.modules.policy_losses import PPOPolicyLoss, PPOValueLoss
 from recipes.modules.ppo_rollout import in_reward_units, rollout_metrics, standardize_values
+from recipes.modules.response_logprobs import response_logprobs, response_values
 from recipes.modules.rl_utils import KLEstimator, RunningMoments, gae_advantages, kl_penalized_rewards
 from recipes.modules.rollout import rollout_forwards
 from recipes.modules.scalar_models import build_scalar_model, check_critic_tokenizer
@@ -186,7 +186,7 @@ class PPOModule(OnPolicyModule):
         """One optimizer step of actor and critic on a minibatch, accumulated over micro-batches. Losses are token
         means over the minibatch rows of every rank: data parallelism averages gradients over ``world_size`` ranks, so
         each micro-batch is weighted by ``world_size * its tokens / all ranks' tokens``; statistics are summed."""
-        hp, P = self.hparams, mb.prompt_length
+        hp = self.hparams
         tokens = all_reduce_sum(mb.response_mask.sum()).clamp(min=1)
         for opt in opts:
             opt.zero_grad()
@@ -195,12 +195,12 @@ class PPOModule(OnPolicyModule):
         for i in range(0, rows, size := hp.micro_batch_size or rows):
             if engine is not None:  # several backwards, one step: DeepSpeed accumulates only if told where it ends
                 engine.set_gradient_accumulation_boundary(i + size >= rows)
-            micro = mb.select(slice(i, i + size))
+            micro = mb.select(slice(i, i + size)).trimmed()  # no all-padding column reaches the forwards
             mask = micro.response_mask
             weight = mask.sum() / tokens  # token-weighted: micro-batches add up to the minibatch's token mean
-            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, P,
+            logprobs, _ = response_logprobs(self.policy, micro.input_ids, micro.attention_mask, micro.prompt_length,
                                             temperature=hp.temperature, top_k=hp.top_k, top_p=hp.top_p)
-            values = response_values(self.critic, micro.input_ids, micro.attention_mask, P)
+            values = response_values(self.critic, micro.input_ids, micro.attention_mask, micro.prompt_length)
             policy_loss, approx_kl, clipfrac = self.policy_loss(logprobs, micro.old_logprobs, micro.advantages, mask)
             value_loss, value_clipfrac = self.value_loss(values, micro.values, micro.returns, mask)
             self.manual_backward((policy_loss + value_loss) * weight * world_size())  # disjoint: one backward

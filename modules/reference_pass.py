@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +18,10 @@ from recipes.modules.adapters import reference_context
 from recipes.modules.cache import cache_dir, fingerprint
 from recipes.modules.distributed import per_rank_state
 from recipes.modules.models import is_peft
-from recipes.modules.policy import completion_logprobs, masked_completion_logps, sequence_logprobs
+from recipes.modules.policy import masked_completion_logps
 from recipes.modules.sharding import local_part, reshard
 
 log = logging.getLogger(__name__)
-_UNMASKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # models found to take no boolean logits_to_keep
 
 
 @dataclass(frozen=True)
@@ -116,15 +114,8 @@ def load_or_compute(policy: nn.Module, key: str, examples: list, collate: Any, b
 
 def pass_logps(policy: nn.Module, batch: dict[str, Tensor], average: bool = False) -> Tensor:
     """Summed (or mean) completion log-probs of every row, ``(2B,)``, with the LM head only where a completion
-    token is predicted; the plain completion forward for a model that takes no boolean ``logits_to_keep`` (found on
-    its first batch, remembered)."""
-    logps = None if policy in _UNMASKED else masked_completion_logps(policy, batch, average)
-    if logps is not None:
-        return logps
-    _UNMASKED.add(policy)
-    logprobs, mask = completion_logprobs(policy, batch["input_ids"], batch["attention_mask"],
-                                         batch["completion_mask"])  # (2B, T')
-    return sequence_logprobs(logprobs, mask, average=average)
+    token is predicted (`recipes.modules.policy.masked_completion_logps`)."""
+    return masked_completion_logps(policy, batch, average)
 
 
 def model_fingerprint(policy: nn.Module, average: bool = False, precision: Any = None) -> str:

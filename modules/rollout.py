@@ -10,10 +10,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from recipes.modules.generation import response_logprobs, response_values
 from recipes.modules.reference import Reference
+from recipes.modules.response_logprobs import response_logprobs, response_values
 from recipes.modules.sharding import unsharded
-from recipes.modules.types import Generation, PromptBatch
+from recipes.modules.types import Generation, PromptBatch, longest_response
 
 
 def repeat_prompts(batch: PromptBatch, k: int) -> PromptBatch:
@@ -39,7 +39,8 @@ def sample_in_chunks(policy: nn.Module, sample_fn: Callable[[Tensor, Tensor], Ge
     gens = []
     with unsharded(policy):
         for i in range(0, prompt_ids.shape[0], chunk):
-            gens.append(sample_fn(prompt_ids[i:i + chunk], prompt_mask[i:i + chunk]))
+            start = min(int(prompt_mask[i:i + chunk].any(0).int().argmax()), prompt_ids.shape[1] - 1)
+            gens.append(sample_fn(prompt_ids[i:i + chunk, start:], prompt_mask[i:i + chunk, start:]))  # no pad column
     width = max(g.response_ids.shape[1] for g in gens)
     pad = [width - g.response_ids.shape[1] for g in gens]
     return Generation(torch.cat([nn.functional.pad(g.response_ids, (0, p), value=pad_token_id)
@@ -56,8 +57,8 @@ def rollout_forwards(policy: nn.Module, critic: nn.Module | None, reference: Ref
     every model in eval mode (restored afterwards); without a ``critic`` (or ``reference``) its output is None.
 
     Log-probs and entropies are those of the sampling distribution of ``temperature``, ``top_k`` and ``top_p``
-    (`recipes.modules.generation.filtered_logprobs`: each model's own filtered, renormalised softmax), the rule the
-    PPO update must apply to the new policy too, so that the ratio starts at exactly 1. The reference is read through
+    (`recipes.modules.response_logprobs.filtered_logprobs`: each model's own filtered, renormalised softmax), the
+    rule the PPO update must apply to the new policy too, so that the ratio starts at exactly 1. The reference is read through
     `recipes.modules.reference.Reference.logprobs`, whichever kind it is (a frozen copy, or the LoRA policy with its
     adapters disabled or a reference adapter active). Shapes: inputs ``(B, P + R)``; each output ``(B, R)``.
     """
@@ -67,12 +68,15 @@ def rollout_forwards(policy: nn.Module, critic: nn.Module | None, reference: Ref
     outs, P, sampling = [], prompt_length, (temperature, top_k, top_p)  # the same rule for policy and reference
     try:
         for i in range(0, input_ids.shape[0], chunk):
-            ids, att = input_ids[i:i + chunk], attention_mask[i:i + chunk]
+            keep = longest_response(attention_mask[i:i + chunk], P)  # no pad tail in the forwards (exact)
+            ids, att = input_ids[i:i + chunk, :P + keep], attention_mask[i:i + chunk, :P + keep]
             logprobs, entropy = response_logprobs(policy, ids, att, P, True, *sampling)
             ref_logprobs = None if reference is None else reference.logprobs(
                 lambda model, ids=ids, att=att: response_logprobs(model, ids, att, P, False, *sampling)[0])
             values = None if critic is None else response_values(critic, ids, att, P)
-            outs.append((logprobs, entropy, ref_logprobs, values))
+            width = input_ids.shape[1] - P  # back to the rollout's R columns (0 on the padding)
+            outs.append(tuple(None if x is None else nn.functional.pad(x, (0, width - keep))
+                              for x in (logprobs, entropy, ref_logprobs, values)))
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -70,14 +70,18 @@ def head_name(model: nn.Module) -> str:
     raise TypeError(f"{type(hf).__name__} has no scalar head named score/classifier/v_head.")
 
 
-def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The head's output at every position (PPO values). Shape: ``(B, T)``, float32."""
+def token_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                 columns: slice | Tensor = slice(None)) -> Tensor:
+    """The head's output at the positions ``columns`` (a slice of columns, PPO values: ``(B, T')``; or one index per
+    row, ``(B,)``: reward scores): the body runs on the whole batch, the head only on those hidden states; float32."""
     hf = model.get_base_model() if is_peft(model) else model
     backbone = getattr(hf, hf.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
                       position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
     head = getattr(hf, head_name(model))
-    return head(hidden).squeeze(-1).float()
+    if isinstance(columns, Tensor):  # one position per row: (B,)
+        return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), columns]).squeeze(-1).float()
+    return head(hidden[:, columns]).squeeze(-1).float()
 
 
 def last_token_index(attention_mask: Tensor) -> Tensor:
@@ -87,9 +91,8 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
 
 
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The head's output at each row's last real token (reward-model scores). Shape: ``(B,)``, float32."""
-    scores = token_scores(model, input_ids, attention_mask)
-    return scores.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    """The head's output at each row's last real token only (reward-model scores). Shape: ``(B,)``, float32."""
+    return token_scores(model, input_ids, attention_mask, last_token_index(attention_mask))
 
 
 def check_critic_tokenizer(spec: ModelSpec, critic: nn.Module, tokenizer: PreTrainedTokenizerBase | None) -> None:

@@ -73,6 +73,10 @@ class Trajectory(NamedTuple):
         """The rows ``index`` of every field (a minibatch)."""
         return Trajectory(*(field[index] for field in self))
 
+    def trimmed(self) -> Trajectory:
+        """Without the response columns that are padding in every row (`trim_padding`)."""
+        return trim_padding(self)
+
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Trajectory]:
         """Shuffled minibatches of ``size`` rows (the last one smaller if ``size`` does not divide the batch)."""
         return shuffled_minibatches(self, size, generator)
@@ -86,6 +90,26 @@ def shuffled_minibatches(rollout: Any, size: int, generator: torch.Generator | N
     order = torch.randperm(n, generator=generator, device=device).to(rollout.input_ids.device)
     for start in range(0, n, size):
         yield rollout.select(order[start:start + size])
+
+
+def longest_response(attention_mask: Tensor, prompt_length: int) -> int:
+    """The number of response columns that any row still attends to (at least 1), for a left-padded prompt of
+    ``prompt_length`` columns followed by right-padded responses. One host sync."""
+    return max(int(attention_mask[:, prompt_length:].sum(1).max()), 1)
+
+
+def trim_padding(rollout: Any) -> Any:
+    """``rollout`` (a `Trajectory` or `GroupTrajectory`) without the response columns past its longest response:
+    the pad tail of finished responses never reaches a forward. Exact to the bit: no kept position attends to a cut
+    one, and the kept columns keep their place from the left (so attention kernels sum in the same blocks; cutting
+    left padding instead shifts them and moves results by rounding, which would break PPO's ratio of exactly 1).
+    ``(B, P + R)`` and ``(B, R)`` fields lose the same tail."""
+    P, R = rollout.prompt_length, rollout.response_mask.shape[1]
+    keep = longest_response(rollout.attention_mask, P)
+    if keep == R:
+        return rollout
+    return type(rollout)(*(f if f is None or f.dim() != 2 else f[:, :P + keep] if f.shape[1] == P + R
+                           else f[:, :keep] for f in rollout))
 
 
 class GroupTrajectory(NamedTuple):
@@ -119,6 +143,10 @@ class GroupTrajectory(NamedTuple):
     def select(self, index: Tensor | slice) -> GroupTrajectory:
         """The rows ``index`` of every field (a minibatch)."""
         return GroupTrajectory(*(None if field is None else field[index] for field in self))
+
+    def trimmed(self) -> GroupTrajectory:
+        """Without the response columns that are padding in every row (`trim_padding`)."""
+        return trim_padding(self)
 
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[GroupTrajectory]:
         """Shuffled minibatches of ``size`` rows (groups are split: each row's advantage is already fixed)."""

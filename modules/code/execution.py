@@ -1,7 +1,7 @@
 """Run untrusted generated programs in a sandbox: limits, namespaces, a dedicated uid, capped output, many workers.
 
 `execute` runs one `ExecutionJob` (one program, one or more test units); `execute_many` runs jobs in parallel with a
-progress bar. Launching the harness and its pipes are in `modules/code/launch.py`, the child side in
+progress bar. The job, config and result types are in `modules/code/jobs.py` (imported from here too). Launching the harness and its pipes are in `modules/code/launch.py`, the child side in
 `modules/code/sandbox/harness.py`; the threat model is in docs/execution.md.
 """
 
@@ -9,133 +9,58 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import functools
 import json
 import logging
 import marshal
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from recipes.modules.code import frames
+from recipes.modules.code import cgroups, frames
+from recipes.modules.code.capabilities import memory_bound
 from recipes.modules.code.host import LEFTOVER_KINDS, UidLease, lease_uid, sandbox_capabilities
+from recipes.modules.code.jobs import (  # noqa: F401  (the public names of the sandbox, imported from here)
+    ExecutionJob,
+    ExecutionResult,
+    MemoryBound,
+    Mode,
+    SandboxConfig,
+    UnitResult,
+    UnitStatus,
+)
 from recipes.modules.code.launch import Harness
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["script", "stdio", "call", "check"]
-UnitStatus = Literal["ok", "error", "timeout", "output_limit", "incomplete", "skipped", "missing"]
-@dataclass(frozen=True)
-class SandboxConfig:
-    """Limits of one sandboxed run. Per-unit limits apply to each test unit (one stdin or one call) separately.
-
-    Args:
-        timeout_s: wall-clock limit per unit (the APPS evaluator uses 4 s).
-        memory_mb: address-space limit (RLIMIT_AS) of the program.
-        nproc: processes the sandbox uid may have at once (RLIMIT_NPROC; binds because the uid is not root).
-        out_bytes: stdout kept per unit; a program printing more is stopped ("output_limit").
-        stop_on_error: skip the remaining units after a crash or timeout (rewards need all-pass only).
-        max_wall_s: ceiling on a whole job, startup included.
-        hidden_paths: folders replaced by an empty read-only tmpfs; ``None``: home folders and the repo's parent.
-        fork_server: fork each harness from one warm root process instead of launching an interpreter per job.
-    """
-
-    timeout_s: float = 4.0
-    memory_mb: int = 1024
-    fsize_mb: int = 16
-    nproc: int = 32
-    nofile: int = 256
-    out_bytes: int = 1 << 20
-    stop_on_error: bool = True
-    startup_s: float = 10.0
-    max_wall_s: float = 300.0
-    tmpfs_mb: int = 64
-    uid_base: int = 63000
-    uid_count: int = 512
-    hidden_paths: tuple[str, ...] | None = None
-    python: str = sys.executable
-    require_isolation: bool = False
-    fork_server: bool = True
-
-    def wall_timeout(self, n_units: int) -> float:
-        return min(self.max_wall_s, self.startup_s + n_units * (self.timeout_s + 0.5))
-
-
-@dataclass(frozen=True)
-class ExecutionJob:
-    """One program and its test units. ``script``: run ``code`` once (any tests inside it run with it); ``stdio``: run
-    once per input string fed on stdin; ``call``: call ``fn_name(*args)`` once per JSON args list; ``check``: per
-    input, a trusted test program defining ``check(candidate)`` (HumanEval's ``prompt + test``) runs *outside* the
-    program's process, with ``candidate`` (and the name ``fn_name``) a proxy that sends each call's arguments to the
-    program and gets back plain data (`recipes.modules.code.sandbox.calls`)."""
-
-    code: str
-    mode: Mode = "script"
-    inputs: Sequence[Any] = (None,)
-    fn_name: str | None = None
-
-
-@dataclass
-class UnitResult:
-    status: UnitStatus
-    exit_code: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    value: Any = None  # call mode: the returned value after a JSON round trip
-    time_s: float = 0.0
-
-
-@dataclass
-class ExecutionResult:
-    """What happened. ``status`` is ``"done"`` only when the harness reported every unit and its end marker.
-    ``leftovers`` counts, per kind (processes, ipc, keys, files), what outlived the program and was cleaned: inside
-    the sandbox (orphans killed after each unit, IPC objects left in its namespace) and by the host's release check."""
-
-    status: Literal["done", "timeout", "crashed"]
-    units: list[UnitResult] = field(default_factory=list)
-    time_s: float = 0.0
-    harness_stderr: str = ""
-    leftovers: dict[str, int] = field(default_factory=dict)  # what the job left behind, killed or removed: by kind
-
-    @property
-    def all_ok(self) -> bool:
-        return self.status == "done" and bool(self.units) and all(u.status == "ok" for u in self.units)
-
-
-@functools.cache
-def _tmpfs_parent() -> str | None:
-    """Where work dirs go when the sandbox mounts its own tmpfs on them (the host dir stays an empty mount point): a
-    host tmpfs if there is one, since mkdir + rmdir on a disk mounted with ``discard`` cost ~4 ms per job here."""
-    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
-        tmpfs = {fields[1] for fields in map(str.split, f) if len(fields) > 2 and fields[2] == "tmpfs"}
-        return next((d for d in ("/dev/shm", "/run") if d in tmpfs and os.access(d, os.W_OK)), None)
-    return None
-
 
 @contextlib.contextmanager
-def _isolation(config: SandboxConfig) -> Iterator[tuple[UidLease | None, str]]:
-    """Lease a uid (when we can setuid) and make an empty work dir it owns; at release the lease checks the host for
-    anything of the uid left (`recipes.modules.code.host.sweep_uid`), then the dir is removed."""
+def _isolation(config: SandboxConfig) -> Iterator[tuple[UidLease | None, str, cgroups.JobCgroup | None]]:
+    """Lease a uid (when we can setuid), make an empty work dir it owns and (where the memory bound is a cgroup) the
+    job's cgroup; at release the cgroup is emptied and removed, then the lease checks the host for anything of the
+    uid left (`recipes.modules.code.host.sweep_uid`), then the dir is removed."""
     caps = sandbox_capabilities(config.python)
     if config.require_isolation and not caps.isolated:
         raise RuntimeError(f"sandbox: full isolation required but this machine supports {caps.as_dict()}")
+    bound = memory_bound(config, caps)
     with contextlib.ExitStack() as stack:
-        workdir = tempfile.mkdtemp(prefix="sandbox-", dir=_tmpfs_parent() if caps.mount_ns else None)
+        workdir = tempfile.mkdtemp(prefix="sandbox-", dir=frames.tmpfs_parent() if caps.mount_ns else None)
         stack.callback(shutil.rmtree, workdir, ignore_errors=True)  # runs after the lease's release check
         lease = stack.enter_context(lease_uid(config.uid_base, config.uid_count)) if caps.setuid else None
+        cgroup = None
         if lease is not None:
             os.chown(workdir, lease.uid, lease.uid)
             lease.dirs = (workdir,)
             lease.shared_dirs = () if caps.mount_ns else frames.TMPFS  # else the program wrote to the host's own /tmp
-        yield lease, workdir
+            if bound.startswith("cgroup"):
+                cgroup = stack.enter_context(cgroups.job_cgroup(cgroups.detect(), lease.uid, config.sandbox_memory_mb,
+                                                                config.nproc + 4))
+        yield lease, workdir, cgroup
 
 
 def _units(job: ExecutionJob, lines: list[dict[str, Any]], nonce: str) -> list[UnitResult]:
@@ -175,10 +100,12 @@ class _Sandbox:
         self.config = config
         self.stack = contextlib.ExitStack()
         try:
-            self.lease, workdir = self.stack.enter_context(_isolation(config))
-            env = frames.environment(config, sandbox_capabilities(config.python), self.lease and self.lease.uid,
-                                     workdir)
-            self.harness = Harness(config.python, config.fork_server, frames.frame(marshal.dumps(env)))
+            self.lease, workdir, self.cgroup = self.stack.enter_context(_isolation(config))
+            caps = sandbox_capabilities(config.python)
+            env = frames.environment(config, caps, self.lease and self.lease.uid, workdir,
+                                     memory_bound(config, caps), self.cgroup.join if self.cgroup else [])
+            self.harness = Harness(config.python, config.fork_server, frames.frame(marshal.dumps(env)),
+                                   frames.template(config) if caps.mount_ns else None)
             self.stack.callback(self.harness.close)  # before the lease's release check
         except BaseException:
             self.stack.close()
@@ -203,6 +130,7 @@ class _Sandbox:
         if status == "timeout":
             units = [u if u.status != "missing" else UnitResult("timeout") for u in units]
         leftovers = _leftovers(lines, lease)
+        leftovers["processes"] += self.cgroup.killed if self.cgroup is not None else 0
         if any(leftovers.values()):
             (log.warning if lease is not None and any(lease.leftovers.values()) else log.info)(
                 "sandbox: the program left %s behind; all killed or removed", leftovers)

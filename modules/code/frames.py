@@ -11,6 +11,7 @@ import json
 import marshal
 import os
 import site
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -46,10 +47,68 @@ def _interpreter_paths(python: str) -> tuple[list[str], list[str]]:
     return prefixes, [p for p in site.getsitepackages() if os.path.isdir(p)]
 
 
-def environment(config: Any, caps: SandboxCapabilities, uid: int | None, workdir: str) -> dict[str, Any]:
-    """What H and I need to set a sandbox up (namespaces, mounts, the uid, limits) under ``config`` (a
-    `recipes.modules.code.execution.SandboxConfig`, not imported here: it imports this module): all but the job."""
-    prefixes, site_dirs = _interpreter_paths(config.python)
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")  # bound read-only, or linked
+SANDBOX_CODE = Path(__file__).resolve().with_name("sandbox")  # the child side: visible inside, read-only
+
+
+@functools.cache
+def _shared_lib_dirs(python: str) -> tuple[str, ...]:
+    """Folders of the shared libraries the interpreter links (``ldd``; none found if it is missing)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["ldd", os.path.realpath(python)], capture_output=True, text=True, timeout=30).stdout
+        return tuple(sorted({os.path.dirname(os.path.realpath(w)) for w in out.split() if w.startswith("/")}))
+    return ()
+
+
+def _covered(path: str, by: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in by)
+
+
+@functools.cache
+def root_allowlist(python: str, hidden: tuple[str, ...]) -> dict[str, list]:
+    """What the sandbox's root holds (`recipes.modules.code.sandbox.mounts.setup_root`): read-only binds of the
+    interpreter's prefixes, its site-packages, the folders of its shared libraries, the child side's code and the
+    system folders (``/usr``, ``/lib*``; the ones that are symlinks, as on merged-/usr systems, become the same
+    symlinks); ``hidden`` folders that lie inside a bound tree are covered by an empty tmpfs. Nothing else."""
+    prefixes, site_dirs = _interpreter_paths(python)
+    wanted = [p for p in SYSTEM_PATHS if os.path.isdir(p) and not os.path.islink(p)]
+    wanted += prefixes + site_dirs + list(_shared_lib_dirs(python)) + [str(SANDBOX_CODE)]
+    binds: list[str] = []
+    for path in sorted({os.path.realpath(p) for p in wanted if os.path.isdir(p)}, key=len):
+        if path != "/" and not _covered(path, binds):
+            binds.append(path)
+    links = [(p, os.readlink(p)) for p in SYSTEM_PATHS if os.path.islink(p)]
+    hide = [p for p in map(os.path.realpath, hidden) if _covered(p, binds)]
+    return {"binds": [("bind", p) for p in binds], "hide": [("hide", p) for p in hide], "links": links}
+
+
+@functools.cache
+def tmpfs_parent() -> str | None:
+    """Where work dirs go when the sandbox mounts its own tmpfs on them (the host dir stays an empty mount point): a
+    host tmpfs if there is one, since mkdir + rmdir on a disk mounted with ``discard`` cost ~4 ms per job here."""
+    with contextlib.suppress(OSError), open("/proc/self/mounts") as f:
+        tmpfs = {fields[1] for fields in map(str.split, f) if len(fields) > 2 and fields[2] == "tmpfs"}
+        return next((d for d in ("/dev/shm", "/run") if d in tmpfs and os.access(d, os.W_OK)), None)
+    return None
+
+
+def template(config: Any) -> bytes:
+    """What the fork server builds the sandbox root from, once (`recipes.modules.code.sandbox.mounts.build_template`):
+    the allowlist and the uids whose /etc/passwd lines it holds. Fork servers are kept per distinct template."""
+    return marshal.dumps({"root": _root_of(config), "uids": (config.uid_base, config.uid_base + config.uid_count)})
+
+
+def _root_of(config: Any) -> dict[str, list]:
+    hidden = _default_hidden() if config.hidden_paths is None else config.hidden_paths
+    return root_allowlist(config.python, tuple(hidden))
+
+
+def environment(config: Any, caps: SandboxCapabilities, uid: int | None, workdir: str, memory_bound: str,
+                cgroup_join: list[tuple[str, str]]) -> dict[str, Any]:
+    """What H and I need to set a sandbox up (namespaces, mounts, the uid, limits, the cgroup H joins, the seccomp
+    filter) under ``config`` (a `recipes.modules.code.execution.SandboxConfig`, not imported here: it imports this
+    module): all but the job."""
+    _, site_dirs = _interpreter_paths(config.python)
     return {
         "timeout": config.timeout_s, "stop_on_error": config.stop_on_error, "workdir": workdir,
         "uid": uid, "gid": uid,
@@ -57,11 +116,12 @@ def environment(config: Any, caps: SandboxCapabilities, uid: int | None, workdir
         "limits": {"memory_mb": config.memory_mb, "cpu_s": int(config.timeout_s) + 1, "fsize_mb": config.fsize_mb,
                    "nproc": config.nproc if uid is not None else 0, "nofile": config.nofile,
                    "out_bytes": config.out_bytes},
-        "tmpfs": list(TMPFS), "tmpfs_mb": config.tmpfs_mb,
-        "hide": list(_default_hidden() if config.hidden_paths is None else config.hidden_paths),
-        "expose": prefixes,
+        "tmpfs_mb": config.tmpfs_mb,
+        "root": _root_of(config),
         "preimport": list(PREIMPORT) if uid is not None and not caps.mount_ns else [],
         "sys_path": site_dirs,
+        "cgroup_join": list(cgroup_join), "memory_bound": memory_bound,
+        "seccomp": {"on": bool(config.seccomp and caps.seccomp), "deny_memory_files": memory_bound == "seccomp"},
     }
 
 

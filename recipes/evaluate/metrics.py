@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from recipes.modules.generation import response_logprobs
+from recipes.modules.response_logprobs import response_logprobs
 
 
 class WinTieLoss(NamedTuple):

@@ -162,6 +162,31 @@ def check_tracks(stages: dict[str, dict[str, Any]], tracks: dict[str, Track]) ->
                 raise ValueError(f"study config: tracks.{t} reads stage {need!r}, which is not a stage of track {t}.")
 
 
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: on Linux, ask the kernel to SIGKILL this process when the process that started it
+    dies (``prctl(PR_SET_PDEATHSIG)``), so a study killed by any signal, ``kill -9`` included, leaves no worker
+    training on; exits at once if that parent is already gone. Elsewhere it does nothing."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def worker_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """``workers`` spawned processes (fresh interpreters: no forked torch thread pools) that die with this one."""
+    import os
+
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                  initializer=die_with_parent, initargs=(os.getpid(),))
+
+
 def execute(jobs: dict[str, tuple[Job, set[str]]], workers: int) -> dict[str, dict[str, Any]]:
     """Run the job graph over ``workers`` spawned processes, at most ``workers`` jobs in flight, the ready job of the
     earliest seed first (so seeds finish one after another); a failed job fails the study, naming the job."""
@@ -169,8 +194,7 @@ def execute(jobs: dict[str, tuple[Job, set[str]]], workers: int) -> dict[str, di
 
     results: dict[str, dict[str, Any]] = {}
     pending, running, started = dict(jobs), {}, {}
-    ctx = mp.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool, \
+    with worker_pool(workers) as pool, \
             tqdm(total=len(jobs), desc="study", unit="job") as bar:
         while pending or running:
             ready = [k for k, (_, deps) in pending.items() if deps <= results.keys()]

@@ -59,6 +59,27 @@ def test_truncation_is_counted_and_logged(tmp_path, caplog):
     assert "1 of 2 rows had the response truncated" in caplog.text
 
 
+def test_a_budget_that_cuts_every_response_is_an_error_with_the_counts(tmp_path):
+    rows = [{"instruction": "q", "output": "y" * 40} for _ in range(5)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(DataFormatError, match=r"d.jsonl.*every one of its 5 rows cut by max_length=16 tokens"
+                                              r".*'had the response truncated from the right \(no EOS learned\)': 5"
+                                              r".*raise data.max_length"):
+        _dm(path, prompt_format="plain", max_length=16, max_prompt_length=8).setup("fit")
+    _dm(path, prompt_format="plain", max_length=64, max_prompt_length=8).setup("fit")  # EOS fits: no error
+
+
+def test_a_budget_that_cuts_every_conversation_is_an_error(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "y" * 40}]}] * 3
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    dm = SFTDataModule(tokenizer="builtin:byte", data=str(path), val_fraction=0.0, batch_size=2,
+                       source_format="messages", chat_template="{% for m in messages %}{{ m['content'] }}"
+                       "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}",
+                       max_length=16, max_prompt_length=8)
+    with pytest.raises(DataFormatError, match=r"c.jsonl.*every one of its 3 rows cut by max_length=16"):
+        dm.setup("fit")
+
+
 def test_truncate_pair_left_prompt_right_response():
     p, r, pc, rc = truncate_pair([1, 2, 3, 4], [5, 6, 7], max_length=4, max_prompt_length=2)
     assert (p, r, pc, rc) == ([3, 4], [5, 6], True, True)

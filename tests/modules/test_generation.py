@@ -9,18 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from recipes.modules.generation import (
-    CACHE,
-    GrowingKVLayer,
-    draw_tokens,
-    filter_logits,
-    filtered_logprobs,
-    preallocated_cache,
-    response_logprobs,
-    sample,
-    sampling_logits,
-)
+from recipes.modules.generation import CACHE, GrowingKVLayer, draw_tokens, filter_logits, preallocated_cache, sample
 from recipes.modules.policy import logprobs_from_logits, position_ids_from_mask
+from recipes.modules.response_logprobs import filtered_logprobs, response_logprobs, sampling_logits
 from tests.conftest import TINY_LLAMA
 
 
@@ -124,7 +115,7 @@ def test_without_filters_log_probs_and_entropy_are_the_plain_ones_to_the_bit(tin
 def test_filtered_entropy_is_that_of_the_renormalised_set():
     """top_k=2 on probabilities (0.5, 0.3, 0.15, 0.05): the set {0, 1} renormalised is (0.625, 0.375), entropy
     -(0.625 log 0.625 + 0.375 log 0.375) = 0.66166."""
-    from recipes.modules.generation import filtered_entropy
+    from recipes.modules.response_logprobs import filtered_entropy
 
     kept = sampling_logits(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), torch.tensor([0]), top_k=2)
     assert torch.isinf(kept[0, 2:]).all()

@@ -22,6 +22,8 @@ class FixedLogits(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
         logits = self.logits + self.w
+        if isinstance(logits_to_keep, torch.Tensor):  # transformers' boolean form: the (N, V) kept positions
+            return type("Out", (), {"logits": logits[logits_to_keep]})
         return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})
 
 
@@ -122,3 +124,14 @@ def test_lora_sft_changes_adapter_only():
             assert not torch.equal(p, before[n]), n
         else:
             assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_each_epochs_padding_fraction_is_logged_as_a_metric(grouped):
+    data = SFTDataModule(tokenizer="builtin:byte", data="builtin:sft", prompt_format="plain", max_length=64,
+                         batch_size=4, max_rows=24, val_fraction=0.0, group_by_length=grouped)
+    module = SFTModule(model=ModelSpec(config=dict(TINY_LLAMA)), tokenizer=data.tokenizer)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(module, data)
+    logged = float(trainer.callback_metrics["data/padding_fraction"])
+    assert 0.0 < logged < 1.0 and logged == pytest.approx(data.padding_fraction)

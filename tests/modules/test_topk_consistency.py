@@ -1,14 +1,15 @@
 """With top-k / top-p sampling, PPO's behaviour log-probs, reference log-probs and update log-probs all come from the
-filtered, renormalised distribution (`recipes.modules.generation.filtered_logprobs`), so the importance ratio is
+filtered, renormalised distribution (`recipes.modules.response_logprobs.filtered_logprobs`), so the importance ratio is
 exactly 1 before the policy changes and the KL compares the filtered samplers (issue #16)."""
 
 import pytest
 import torch
 
-from recipes.modules.generation import filter_logits, response_logits, response_logprobs, sample
+from recipes.modules.generation import filter_logits, sample
 from recipes.modules.losses import PPOPolicyLoss
 from recipes.modules.models import ModelSpec, build_causal_lm
 from recipes.modules.reference import FrozenCopy
+from recipes.modules.response_logprobs import response_logits, response_logprobs
 from recipes.modules.rollout import rollout_forwards
 from recipes.modules.scalar_models import build_scalar_model
 from tests.conftest import TINY_LLAMA

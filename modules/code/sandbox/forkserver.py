@@ -1,23 +1,32 @@
 """Fork server of the sandbox: one warm root interpreter that forks a fresh harness (H) per job.
 
-Launched by `recipes.modules.code.host.ForkServer` as ``python -I -S -c`` with this folder on ``sys.path``; standard
+Launched by `recipes.modules.code.launch.ForkServer` as ``python -I -S -c`` with this folder on ``sys.path``; standard
 library only. Saves the ~25 ms interpreter launch and imports per job.
 """
 
+import marshal
 import os
 import socket
 
 try:
     import harness  # imported by the sandbox with this folder on sys.path (see `recipes.modules.code.launch`)
+    import mounts
 except ModuleNotFoundError:  # imported as part of the package (docs, import checks)
-    from recipes.modules.code.sandbox import harness
+    from recipes.modules.code.sandbox import harness, mounts
 
 
-def serve(sock_fd):
+def serve(sock_fd, template=None):
     """Fork server (saves the ~25 ms interpreter launch per job): per request on the SOCK_SEQPACKET ``sock_fd``, whose
     ancillary data carries (spec, stdout, stderr) descriptors, fork an H in a new session and reply with its pid and a
-    pidfd. Exits when the parent closes its end. Children stay zombies until the next request so pidfds are exact."""
+    pidfd. Exits when the parent closes its end. Children stay zombies until the next request so pidfds are exact.
+    With ``template`` (a folder and the marshal'd allowlist, hex), build the sandbox's root once (`mounts`)."""
     harness.preload()  # ctypes, libc and common modules once, before any fork
+    if template:
+        path, spec = template[0], marshal.loads(bytes.fromhex(template[1]))
+        try:
+            mounts.build_template(path, spec["root"], range(*spec["uids"]))
+        except OSError as e:  # each sandbox then builds its root itself
+            os.write(2, f"sandbox fork server: no shared root ({e}); building one per sandbox\n".encode())
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:

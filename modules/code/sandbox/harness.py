@@ -2,10 +2,11 @@
 stdin (marshal).
 
 Standard library only, imported from its cached bytecode (a script would be recompiled every launch); its libc calls
-and mount set-up are in `modules/code/sandbox/kernel.py`, one unit's process in `modules/code/sandbox/units.py`.
-Process tree: H (this script, root) -> unshare(net, mount, pid) -> fork I (pid 1 of the new namespace, drops to the
-sandbox uid) -> fork G per test unit (runs the untrusted program) or, in check mode, U (runs the program and answers
-the calls of the test that I runs: `modules/code/sandbox/calls.py`). I writes one record per unit to stdout, then
+are in `modules/code/sandbox/kernel.py`, the mounts in `mounts.py`, one unit's process in `units.py`. Process tree:
+H (this script, root; joins the job's cgroup) -> unshare(net, mount, pid) -> fork I (pid 1 of the new namespace:
+pivots into the allowlisted root, drops to the sandbox uid) -> fork G per test unit (runs the untrusted program) or,
+in check mode, U (runs the program and answers the calls of the test that I runs: `calls.py`). G and U load the
+seccomp filter (`seccomp.py`) last; I never does. I writes one record per unit to stdout, then
 ``{"end": n, "ipc": k}``.
 """
 
@@ -20,9 +21,11 @@ PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS =
 SIGKILL = 9  # not `import signal`: it pulls in enum, functools, collections (7 ms of a 25 ms launch)
 
 if __package__:  # imported as part of the package (docs, import checks)
-    from recipes.modules.code.sandbox import kernel, units
+    from recipes.modules.code.sandbox import kernel, mounts, seccomp, units
 else:  # imported by the sandbox, with this folder on sys.path for the duration of the import
     import kernel
+    import mounts
+    import seccomp
     import units
 
 
@@ -37,6 +40,9 @@ def preload():
     """Load libc (through ctypes) and `PRELOAD`, then freeze the heap: the forks' garbage collections skip these
     objects, so they do not copy their pages."""
     kernel.libc_handle()
+    if seccomp.available() is not None:  # both filter variants, compiled once for every sandbox
+        seccomp.program(True)
+        seccomp.program(False)
     for name in PRELOAD:
         __import__(name)
     import gc
@@ -67,6 +73,8 @@ def _drop_privileges(spec):
         kernel.call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # H dies -> I dies -> the namespace dies
     kernel.call("prctl", PR_SET_DUMPABLE, 0, 0, 0, 0)  # G (same uid) cannot ptrace I or open /proc/<I>/fd
     kernel.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    if spec["seccomp"]["on"]:
+        seccomp.program(spec["seccomp"]["deny_memory_files"])  # compiled here (if not already): G and U only load it
     sys.path.extend(spec.get("sys_path", []))
     for name in spec.get("preimport", []):
         try:
@@ -81,7 +89,7 @@ def _init_main(env):
     if env["ns"].get("pid"):
         kernel.call("prctl", PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)  # again after setuid, which clears it
     if env["ns"].get("mount"):
-        kernel.setup_mounts(env)
+        mounts.setup_root(env)
     else:
         os.chdir(env["workdir"])
     _drop_privileges(env)
@@ -105,6 +113,9 @@ def _init_main(env):
 def main():
     """H: read the environment from fd 0, enter the namespaces, run I (pid 1 of the new pid namespace), wait for it."""
     spec = marshal.loads(units.read_frame(0))  # written by the parent: trusted; the job and check mode's tests follow
+    for path, value in spec.get("cgroup_join", []):  # before any fork: I and all it starts are in the job's cgroup
+        with open(path, "w") as f:
+            f.write(value or str(os.getpid()))
     ns = spec["ns"]
     flags = (CLONE_NEWNET if ns.get("net") else 0) | (CLONE_NEWNS if ns.get("mount") else 0)
     flags |= (CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS) if ns.get("pid") else 0

@@ -14,10 +14,11 @@ PR_SET_DUMPABLE = 4
 SIGKILL = 9  # not `import signal`: it pulls in enum, functools, collections (7 ms of a 25 ms launch)
 
 if __package__:  # imported as part of the package (docs, import checks)
-    from recipes.modules.code.sandbox import calls, kernel
+    from recipes.modules.code.sandbox import calls, kernel, seccomp
 else:  # imported by the sandbox, with this folder on sys.path for the duration of the import
     import calls
     import kernel
+    import seccomp
 
 
 def read_frame(fd):
@@ -49,6 +50,13 @@ def _enter_program(spec):
 
     if kernel.libc_loaded():
         kernel.call("prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)  # I stays undumpable; G may read its own /proc entries
+    try:  # the cgroup's OOM killer takes the program's processes first, not I (raising it needs no privilege)
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass
+    if spec["seccomp"]["on"]:  # last: the set-up above needs nothing it denies; a failure here fails the unit
+        seccomp.load(seccomp.program(spec["seccomp"]["deny_memory_files"]))
     if not hasattr(builtins, "exit"):  # `site` defines exit()/quit(), and -S skips site; solutions call them
         builtins.exit = builtins.quit = sys.exit
 

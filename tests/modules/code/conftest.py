@@ -13,13 +13,14 @@ import pytest
 
 @pytest.fixture
 def setuid_copy() -> Iterator[tuple[str | None, str]]:
-    """(path, reason): a setuid-root copy of ``id`` where the sandbox can read it (not under /tmp, /root, /home or
-    the repo's parent, which the sandbox covers), kept only after a control run as an unprivileged uid outside the
-    sandbox shows that it does give euid 0; else (None, why not)."""
+    """(path, reason): a setuid-root copy of ``id`` where the sandbox can see it (under /usr, which its allowlist
+    binds read-only and nosuid), kept only after a control run as an unprivileged uid outside the sandbox shows
+    that it does give euid 0; else (None, why not)."""
     if os.geteuid() != 0:
         yield None, "needs root to make a setuid-root binary"
         return
-    folder = tempfile.mkdtemp(prefix="rlhf-setuid-", dir="/var/lib")
+    os.makedirs("/usr/local/lib", exist_ok=True)
+    folder = tempfile.mkdtemp(prefix="rlhf-setuid-", dir="/usr/local/lib")
     try:
         os.chmod(folder, 0o755)
         binary = os.path.join(folder, "id")

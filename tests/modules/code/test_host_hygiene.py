@@ -1,5 +1,8 @@
 """Sandbox hygiene across jobs: the machine-wide uid lease, a fresh keyring per job, the release check that nothing of
-the uid is left (processes, SysV IPC, keys, files), and no_new_privs against setuid-root binaries."""
+the uid is left (processes, SysV IPC, keys, files), and no_new_privs against setuid-root binaries.
+
+The seccomp filter denies the key system calls outright (tests/modules/code/test_containment.py); the key tests here
+switch it off (``seccomp=False``) to check the layer below it, which must hold where libseccomp is missing."""
 
 from __future__ import annotations
 
@@ -108,7 +111,8 @@ def test_a_key_added_by_one_job_is_gone_for_the_next_job_on_the_same_uid():
     """Job 1 adds a secret to the uid's user keyring (@u, which outlives every process); job 2, leased the same uid,
     searches every keyring it can name and every key /proc/keys shows it: not found. Afterwards the host holds no
     key of that uid beyond its empty keyrings."""
-    config = SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63470, uid_count=1)  # forces the same uid
+    config = SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63470, uid_count=1,  # forces the same uid
+                           seccomp=False)
     desc = f"rlhf-planted-{os.getpid()}"
     plant = execute(ExecutionJob(KEYS + f"def f():\n    return add_key({desc!r}, 'hunter2') > 0\n", "call", [[]],
                                  "f"), config)
@@ -148,7 +152,7 @@ def _run_litter(config: SandboxConfig):
 def test_what_a_job_leaves_behind_is_cleaned_and_reported():
     """A background process, a SysV shared memory segment and a key: inside the namespaces the first two die with
     the job (and I counts them), the key outlives it and the host's release check removes and counts it."""
-    result = _run_litter(SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63472, uid_count=1))
+    result = _run_litter(SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63472, uid_count=1, seccomp=False))
     assert result.leftovers == {"processes": 1, "ipc": 1, "keys": 1, "files": 0}
 
 
@@ -162,7 +166,7 @@ def test_without_namespaces_the_host_check_removes_processes_ipc_keys_and_files(
     setuid_only = dataclasses.replace(CAPS, net_ns=False, mount_ns=False, pid_ns=False)
     for module in (execution, launch):  # launch then starts a fresh interpreter per job, as such a machine would
         monkeypatch.setattr(module, "sandbox_capabilities", lambda python=None: setuid_only)
-    result = _run_litter(SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63474, uid_count=1))
+    result = _run_litter(SandboxConfig(timeout_s=2.0, startup_s=20.0, uid_base=63474, uid_count=1, seccomp=False))
     assert result.leftovers["processes"] >= 1 and result.leftovers["ipc"] == 1 and result.leftovers["keys"] == 1
     assert result.leftovers["files"] >= 1  # /tmp/litter on the host's own /tmp (the work dir goes anyway)
     assert not Path("/tmp/rlhf-litter").exists()

@@ -77,6 +77,8 @@ class FixedLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False):
         b, t = input_ids.shape
+        if isinstance(logits_to_keep, torch.Tensor):  # transformers' boolean form: the (N, V) kept positions
+            return type("Out", (), {"logits": self.logits.expand(b, t, -1)[logits_to_keep]})()
         keep = logits_to_keep or t
         return type("Out", (), {"logits": self.logits.expand(b, keep, -1).clone()})()
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -184,3 +188,46 @@ def test_shrunken_study_of_both_tracks_writes_table_csv_plots_and_doc(tmp_path):
     assert '"step": 0' in (out / "seed0" / "b_dpo" / "gold_curve.json").read_text()
     rm = json.loads((out / "seed0" / "b_reward" / "eval.json").read_text())
     assert 0.5 < rm["bayes_accuracy"] < 1 and rm["standardization"]["scale"] > 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped has finished)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_when_the_study_is_killed(tmp_path):
+    """The study's workers are SIGKILLed by the kernel when the study process dies, even by SIGKILL (no cleanup
+    code runs then): a killed study leaves nothing training on."""
+    script = tmp_path / "study.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "from recipes.study.runner import worker_pool\n"
+        "def work(folder):\n"  # runs after the worker's initializer: the death signal is armed
+        "    open(os.path.join(folder, str(os.getpid())), 'w').close()\n"
+        "    time.sleep(300)\n"
+        "if __name__ == '__main__':\n"
+        "    pool = worker_pool(2)\n"
+        "    futures = [pool.submit(work, sys.argv[1]) for _ in range(2)]\n"
+        "    time.sleep(300)\n")
+    started = tmp_path / "started"
+    started.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(started)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120  # spawned interpreters import the package: slow on a loaded machine
+        while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        workers = [int(p.name) for p in started.iterdir()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers), workers
+    finally:
+        proc.kill()
