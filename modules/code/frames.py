@@ -42,8 +42,11 @@ def _default_hidden() -> tuple[str, ...]:
 
 @functools.cache
 def _interpreter_paths(python: str) -> tuple[list[str], list[str]]:
-    """Folders the sandboxed interpreter must still see (its prefix) and its site-packages (``-S`` skips site)."""
-    prefixes = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(python).resolve().parents[1])})
+    """Folders the sandboxed interpreter must still see (its prefix, and its venv when ``python`` lies in one) and
+    its site-packages (``-S`` skips site)."""
+    venv = Path(os.path.abspath(python)).parents[1]  # <venv>/bin/python, before following the link to the base
+    prefixes = sorted({sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(python).resolve().parents[1]),
+                       *([str(venv)] if (venv / "pyvenv.cfg").is_file() else [])})
     return prefixes, [p for p in site.getsitepackages() if os.path.isdir(p)]
 
 

@@ -141,6 +141,10 @@ def setup_root(spec):
     owner = f",uid={spec['uid']},gid={spec['gid']}" if spec.get("uid") is not None else ""
     for path in ("/tmp", "/var/tmp", "/dev/shm"):
         kernel.call("mount", "tmpfs", new + path, "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=1777")
+    for _, path in spec["root"]["binds"]:  # an allowed folder inside a temp dir (a venv in /tmp): bound over its tmpfs
+        if any(path.startswith(tmp + "/") for tmp in ("/tmp", "/var/tmp", "/dev/shm")) and os.path.isdir(path):
+            _mkdirs(new + path)
+            _bind_readonly(path, new + path)
     # The work dir is a size-capped tmpfs: the host disk never sees the program's files, however many.
     kernel.call("mount", "tmpfs", new + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=700" + owner)
     if spec["ns"].get("pid"):

@@ -244,3 +244,23 @@ def test_without_libseccomp_the_other_layers_stay_and_no_filter_is_claimed(monke
     assert result.all_ok, result
     top, _, _, _, nnp, mode, _ = result.units[0].value
     assert mode == "0" and nnp == "1" and "srv" not in top and without.as_dict()["seccomp"] is False
+
+
+@isolated
+def test_an_interpreter_in_a_venv_under_tmp_still_runs_itself_inside(tmp_path):
+    """The sandbox's own /tmp is a private tmpfs; an allowed folder below a temp dir (here a venv under the host's
+    /tmp, as CI makes one) is bound again over it, read-only, so the program can still run its interpreter."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    assert str(venv).startswith("/tmp/")
+    code = ("import os, subprocess, sys\n"
+            "print(sys.executable.startswith('/tmp/'), subprocess.run([sys.executable, '-c', 'print(6 * 7)'],"
+            " capture_output=True, text=True).stdout.strip())\n"
+            "open(os.path.dirname(os.path.dirname(sys.executable)) + '/x', 'w')\n")  # the venv itself
+    result = execute(ExecutionJob(code), dataclasses.replace(CONFIG, python=str(venv / "bin" / "python")))
+    unit = result.units[0]
+    assert unit.stdout == "True 42\n", result
+    assert "Read-only file system" in unit.stderr, unit.stderr  # bound read-only, like every allowed folder
