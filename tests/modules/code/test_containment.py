@@ -8,9 +8,13 @@ each. The memory attacks are in test_memory_bound.py; docs/execution.md, "Threat
 from __future__ import annotations
 
 import dataclasses
+import os
+import site
+import sys
 
 import pytest
 
+from recipes.modules.code import frames
 from recipes.modules.code.execution import ExecutionJob, SandboxConfig, execute
 from recipes.modules.code.host import sandbox_capabilities
 from recipes.modules.code.problems import evaluate_completions
@@ -206,8 +210,12 @@ def test_the_root_holds_only_the_allowlist_read_only_and_nosuid(fork_server):
     result = execute(ExecutionJob(ROOT, "call", [[]], "f"), dataclasses.replace(CONFIG, fork_server=fork_server))
     assert result.all_ok, result
     top, etc, dev, mounts, nnp, mode, cwd = result.units[0].value
-    assert set(top) <= {"bin", "sbin", "lib", "lib64", "lib32", "libx32", "usr", "etc", "dev", "proc", "tmp", "var",
-                        "sandbox", "root", "work", "opt", "home"}  # root/work/...: only the path to a bound prefix
+    # Beyond the fixed folders, only the first component of a path to a bound folder (the interpreter's prefix, its
+    # venv, the sandbox's own code: /root, /work, /check, wherever this checkout and its venv happen to be).
+    bound = {os.path.realpath(p).split("/")[1] for p in {sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                           *site.getsitepackages(), str(frames.SANDBOX_CODE)}}
+    fixed = {"bin", "sbin", "lib", "lib64", "lib32", "libx32", "usr", "etc", "dev", "proc", "tmp", "var", "sandbox"}
+    assert set(top) <= fixed | bound, set(top) - fixed - bound
     assert "srv" not in top and "sys" not in top and "home" not in top and "mnt" not in top
     assert set(etc) <= {"group", "hosts", "ld.so.cache", "localtime", "passwd"}
     assert set(dev) == {"null", "zero", "full", "random", "urandom", "fd", "stdin", "stdout", "stderr", "shm"}
@@ -223,8 +231,6 @@ def test_the_root_holds_only_the_allowlist_read_only_and_nosuid(fork_server):
 
 @isolated
 def test_the_interpreter_and_child_code_are_reachable_and_stdlib_programs_run():
-    from recipes.modules.code import frames
-
     code = ("import json, subprocess, sys, os, sqlite3, decimal, hashlib, ssl\n"
             f"print(os.path.isdir({str(frames.SANDBOX_CODE)!r}), subprocess.run([sys.executable, '-c', 'print(6 * 7)'],"
             " capture_output=True, text=True).stdout.strip())\n")
