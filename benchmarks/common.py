@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
+import queue as queue_module
 import resource
 from collections.abc import Callable
 from typing import Any
@@ -79,15 +81,37 @@ def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
     queue.put(json.dumps(result))
 
 
-def run_isolated(fn: Callable[..., dict], *args: Any) -> dict:
+# glibc's malloc keeps freed blocks below its (self-raising) mmap threshold cached in its heap, so the peak resident set
+# of two identical runs differed by up to 50 MB (issue #19). With the threshold fixed at 128 KiB every tensor is its own
+# mapping and leaves the resident set when freed: the peak is the live peak. Such runs are slower and never timed.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_isolated(fn: Callable[..., dict], *args: Any, live_memory: bool = False) -> dict:
     """Run ``fn(*args)`` in a fresh process so its peak memory is its own; returns fn's dict plus ``peak_rss_mb``
     (growth of the child's peak resident set over its state after importing torch, transformers, lightning and the
-    project's DPO/PPO/SFT modules, so that neither side is charged for imports the other does not make)."""
+    project's DPO/PPO/SFT modules, so that neither side is charged for imports the other does not make). With
+    ``live_memory`` the child runs under `LIVE_MEMORY_ENV`: its peak is the live tensors' peak, its times are not
+    comparable with other runs'."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, queue))
-    proc.start()
-    out = json.loads(queue.get())
+    saved = {key: os.environ.get(key) for key in LIVE_MEMORY_ENV}
+    if live_memory:
+        os.environ.update(LIVE_MEMORY_ENV)  # a spawned child reads the environment at its start
+    try:
+        proc.start()
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    while True:  # a child that dies (an import error, a crash) never answers: say so instead of waiting forever
+        try:
+            out = json.loads(queue.get(timeout=5))
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"the benchmark child running {fn.__name__} died (exit code {proc.exitcode}); "
+                                   "its traceback is printed above") from None
     proc.join()
     return out
 

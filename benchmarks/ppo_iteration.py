@@ -4,6 +4,7 @@ PPO floor in the same process, and the rollout sampler `recipes.modules.generati
 
     python benchmarks/ppo_iteration.py [--prompts 16] [--new-tokens 48] [--epochs 4] [--iterations 7] [--rounds 9]
                                        [--threads 2] [--reward model|function] [--skip-sampler] [--skip-memory]
+                                       [--precision 32-true|bf16-mixed]
 
 Workload (issue #19): policy, critic and reward model all the benchmark Llama (hidden 256, 4 layers, 4 heads,
 intermediate 688, vocab 4096; the reward model a random one-label sequence classifier saved to a folder and read
@@ -24,7 +25,8 @@ reward clip 20, gradient norm 1 per model, AdamW 1e-5). ``--reward function`` sc
    token (hidden states gathered first), no pad tail past the longest response, GAE as a reverse cumulative sum
    (gamma = lambda = 1), and each update's losses as plain token means. The old log-probs are recomputed by a full
    forward, as PPOModule does, so the first ratio is exactly 1 (KV-cache logits may round differently).
-3. Peak memory (``--skip-memory`` skips it): each side alone in a fresh process for 2 iterations.
+3. Peak memory (``--skip-memory`` skips it): each side alone in a fresh process for 2 iterations, untimed, under
+   `benchmarks.common.LIVE_MEMORY_ENV` (the live tensors' peak, not what malloc kept cached).
 """
 
 from __future__ import annotations
@@ -136,9 +138,11 @@ def build_ours(reward, new_tokens: int, epochs: int, prompts: int):
 
 
 def ppo_paired(reward: str | None, prompts: int, new_tokens: int, epochs: int, iterations: int, threads: int,
-               sides: tuple[str, ...] = ("ours", "floor")) -> dict:
+               sides: tuple[str, ...] = ("ours", "floor"), precision: str = "32-true") -> dict:
     """``iterations`` of PPOModule under a Trainer, each paired with one floor iteration (before it on odd steps,
-    after it on even ones); per-iteration phase seconds of each side. ``sides`` runs only one of them (memory)."""
+    after it on even ones); per-iteration phase seconds of each side. ``sides`` runs only one of them (memory).
+    ``precision`` is the Trainer's; with ``bf16-mixed`` the floor's iterations run under the same CPU autocast."""
+
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
@@ -151,6 +155,16 @@ def ppo_paired(reward: str | None, prompts: int, new_tokens: int, epochs: int, i
     floor = None
     if "floor" in sides:
         floor = BarePPO(reward or CharacterFractionReward(), new_tokens, epochs, prompts)
+        if precision == "bf16-mixed":  # what Lightning's MixedPrecision plugin wraps each training step in on a CPU
+            bare_iteration = floor.iteration
+
+            def autocast_iteration(*args):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return bare_iteration(*args)
+
+            floor.iteration = autocast_iteration
+        elif precision != "32-true":
+            raise ValueError(f"--precision {precision}: this benchmark runs 32-true or bf16-mixed")
     rows: dict[str, list[dict]] = {"ours": [], "floor": []}
     if "ours" not in sides:
         for _ in range(iterations):
@@ -175,7 +189,8 @@ def ppo_paired(reward: str | None, prompts: int, new_tokens: int, epochs: int, i
     module = build_ours(reward, new_tokens, epochs, prompts)
     batch = {"input_ids": ids, "attention_mask": mask, "prompts": texts, "metadata": [{}] * prompts}
     trainer = L.Trainer(max_steps=iterations, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Paired()])
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Paired()],
+                        precision=precision)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * iterations, batch_size=None))
     return rows
 
@@ -191,6 +206,9 @@ def main() -> None:
     parser.add_argument("--reward", choices=("model", "function"), default="model")
     parser.add_argument("--skip-sampler", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true",
+                        help="bf16-mixed: Lightning's CPU autocast for ours, the same autocast for the floor "
+                        "(an inexact change: the issue's workload is 32-true)")
     args = parser.parse_args()
     print(f"load average before: {loadavg()}")
     with tempfile.TemporaryDirectory() as folder:
@@ -198,13 +216,15 @@ def main() -> None:
         work = (args.prompts, args.new_tokens, args.epochs)
         cmp = None if args.skip_sampler else run_isolated(sampler_vs_generate, args.prompts, args.new_tokens,
                                                           args.rounds, args.threads)
-        paired = run_isolated(ppo_paired, reward, *work, args.iterations, args.threads)
-        memory = {} if args.skip_memory else {side: run_isolated(ppo_paired, reward, *work, 2, args.threads, (side,))
+        paired = run_isolated(ppo_paired, reward, *work, args.iterations, args.threads, ("ours", "floor"),
+                              args.precision)
+        memory = {} if args.skip_memory else {side: run_isolated(ppo_paired, reward, *work, 2, args.threads, (side,),
+                                                                  args.precision, live_memory=True)
                                               for side in ("floor", "ours")}
     print(f"load average after: {loadavg()}")
     print(f"PPO iteration, tiny Llama (hidden 256, 4 layers, vocab 4096) as policy, critic and reward "
           f"{'model' if reward else 'function'}; {args.prompts} prompts x 48-80 tokens, {args.new_tokens} new tokens, "
-          f"{args.epochs} PPO epochs in one minibatch, {args.threads} thread(s)")
+          f"{args.epochs} PPO epochs in one minibatch, {args.threads} thread(s), precision {args.precision}")
     if cmp is not None:
         for clock in ("wall", "cpu"):
             print(f"sample vs generate, {clock:<4} clock: {cmp[f'{clock}_sample_tokens_per_s']:8.1f} vs "
