@@ -103,7 +103,10 @@ def run_isolated(fn: Callable[..., dict], *args: Any, live_memory: bool = False)
         proc.start()
     finally:
         for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     while True:  # a child that dies (an import error, a crash) never answers: say so instead of waiting forever
         try:
             out = json.loads(queue.get(timeout=5))
