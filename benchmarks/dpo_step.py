@@ -11,10 +11,10 @@ one no-grad forward per training batch. ``--rectangle`` adds the older floor (lo
 first response column on, ``logits_to_keep``) as a second line. Each run is its own process so peak memory is its own;
 peak memory comes from separate untimed runs under `benchmarks.common.LIVE_MEMORY_ENV` (the live tensors' peak, not
 what malloc kept cached). Prints seconds per step, epoch time (the precomputed mode's one-off reference pass included,
-and again with the pass's cache already on disk) and peak-memory growth, with their ratios (issue #19's aims: frozen copy <= 1.05x the floor's
-epoch, peak memory <= 1.0x; precomputed with the cache on disk <= 0.75x the frozen-copy floor's epoch), and the lower
-bound on the per-step ratio precomputed / frozen = (fwd+bwd+opt) / (fwd+bwd+opt+ref_fwd) that the measured pieces
-imply: dropping the reference forward cannot do better.
+and again with the pass's cache already on disk) and peak-memory growth, with their ratios (issue #19's aims: frozen
+copy <= 1.05x the floor's epoch, peak memory <= 1.0x; precomputed with the cache on disk <= 0.75x the frozen-copy
+floor's epoch), and the lower bound on the per-step ratio precomputed / frozen = (fwd+bwd+opt) /
+(fwd+bwd+opt+ref_fwd) that the measured pieces imply: dropping the reference forward cannot do better.
 """
 
 from __future__ import annotations
@@ -255,9 +255,8 @@ def main() -> None:
                 for name, fn, fn_args in group:
                     runs.setdefault(name, []).append(run_isolated(fn, *fn_args))
     memory = {} if args.skip_memory else {  # once each: the live peak does not vary between runs (+-0.1 MB)
-        name: run_isolated(fn, *fn_args, live_memory=True)["peak_rss_mb"] for name, fn, fn_args in
-        (("floor frozen_copy", bare, ("frozen_copy", n, b)), ("ours frozen_copy", lightning_run, ("frozen_copy", n, b)),
-         ("floor precomputed", bare, ("precomputed", n, b)), ("ours precomputed", lightning_run, ("precomputed", n, b)))}
+        f"{side} {mode}": run_isolated(fn, mode, n, b, live_memory=True)["peak_rss_mb"]
+        for mode in ("frozen_copy", "precomputed") for side, fn in (("floor", bare), ("ours", lightning_run))}
     print(f"load average after: {loadavg()}")
     r = {name: best(values) for name, values in runs.items()}
     print(f"DPO epoch, tiny Llama (hidden 256, 4 layers, vocab 4096), {n} pairs, batch {b}, "

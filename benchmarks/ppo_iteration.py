@@ -142,7 +142,6 @@ def ppo_paired(reward: str | None, prompts: int, new_tokens: int, epochs: int, i
     """``iterations`` of PPOModule under a Trainer, each paired with one floor iteration (before it on odd steps,
     after it on even ones); per-iteration phase seconds of each side. ``sides`` runs only one of them (memory).
     ``precision`` is the Trainer's; with ``bf16-mixed`` the floor's iterations run under the same CPU autocast."""
-
     import lightning as L
     import torch
     from lightning.pytorch.callbacks import Callback
